@@ -1,0 +1,33 @@
+"""scatterattn: Scatterbrain (sparse + low-rank) attention and chained low-rank attention gradients.
+
+Public API:
+  scatterbrain_attention, performer_attention, lsh_attention, local_attention, dense_attention
+  ScatterbrainConfig, ScatterbrainAttention
+  diagnostics: attention_support, implied_attention, approximation_error
+"""
+
+from .config import ScatterbrainConfig
+from .diagnostics import approximation_error, attention_support, implied_attention
+from .functional import (
+    dense_attention,
+    local_attention,
+    lsh_attention,
+    performer_attention,
+    scatterbrain_attention,
+)
+from .modules import ScatterbrainAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ScatterbrainAttention",
+    "ScatterbrainConfig",
+    "approximation_error",
+    "attention_support",
+    "dense_attention",
+    "implied_attention",
+    "local_attention",
+    "lsh_attention",
+    "performer_attention",
+    "scatterbrain_attention",
+]

@@ -1,0 +1,140 @@
+"""Sparse supports: which (query, key) pairs Scatterbrain computes exactly.
+
+A support is described tile by tile, as flash-style kernels consume it: tile t of round r pairs a
+list of query positions with a list of key positions. A pair (i, j) of a tile belongs to the support
+when both positions are real (not padding), the key is not masked, the pair passes the causal rule,
+it lies inside the band (local windows), and no earlier round already owns it (LSH rounds; a pair
+that shares a bucket in several rounds counts once).
+
+Shapes (B batch, H query heads, Hkv key/value heads, R rounds, T tiles, tq / tk tile widths):
+  q_index (B or 1, H or 1, R, T, tq)   int64, query positions; N marks an empty slot
+  k_index (B or 1, Hkv or 1, R, T, tk) int64, key positions; S marks an empty slot
+  q_bucket (B, H, R, N), k_bucket (B, Hkv, R, S): bucket of each position in each round (LSH only),
+  used to count duplicates once.
+Hashing carries no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """The tiles of a sparse support. See the module docstring for shapes."""
+
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    num_queries: int
+    num_keys: int
+    band: int | None = None  # local window: keep |i - j| <= band
+    q_bucket: torch.Tensor | None = None  # LSH: dedup across rounds
+    k_bucket: torch.Tensor | None = None
+
+    @property
+    def n_rounds(self) -> int:
+        return self.q_index.shape[-3]
+
+
+def lsh_plan(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    bucket_size: int,
+    hash_projections: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+) -> SparsePlan:
+    """SMYRF-style asymmetric LSH with sort-based, equal-size buckets.
+
+    query (B, H, N, D), key (B, Hkv, S, D), hash_projections (R, D + 2), key_valid (B, S) bool or None.
+    XBOX+ transform with M^2 = max|q|^2 + max|k|^2 (per batch and key/value head, over its query
+    group): q' = [q, 0, sqrt(M^2 - |q|^2)], k' = [k, sqrt(M^2 - |k|^2), 0], so |q' - k'|^2 =
+    2 M^2 - 2 q.k. Each round projects onto a_r and sorts; the sorted keys are cut into
+    n_buckets = ceil(S / bucket_size) chunks of bucket_size keys and the sorted queries into as many
+    chunks of ceil(N / n_buckets) queries: query chunk b attends key chunk b (rank quantiles are
+    aligned). Masked keys hash to +inf, sort last and are dropped from the support.
+    """
+    batch, heads, n_q, dim = query.shape
+    kv_heads, n_k = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    n_rounds = hash_projections.shape[0]
+    with torch.no_grad():
+        q = query.detach().float().reshape(batch, kv_heads, group, n_q, dim)
+        k = key.detach().float()
+        proj = hash_projections.to(device=q.device, dtype=torch.float32)
+        q_sq = (q * q).sum(-1)  # (B, Hkv, G, N)
+        k_sq = (k * k).sum(-1)  # (B, Hkv, S)
+        if key_valid is not None:
+            k_sq = torch.where(key_valid[:, None, :], k_sq, torch.zeros_like(k_sq))
+        m_sq = q_sq.amax(dim=(2, 3)) + k_sq.amax(dim=2)  # (B, Hkv)
+        q_ext = (m_sq[:, :, None, None] - q_sq).clamp_min(0).sqrt()
+        k_ext = (m_sq[:, :, None] - k_sq).clamp_min(0).sqrt()
+        q_hash = q @ proj[:, :dim].t() + q_ext.unsqueeze(-1) * proj[:, dim + 1]  # (B,Hkv,G,N,R)
+        k_hash = k @ proj[:, :dim].t() + k_ext.unsqueeze(-1) * proj[:, dim]  # (B,Hkv,S,R)
+        if key_valid is not None:
+            k_hash = k_hash.masked_fill(~key_valid[:, None, :, None], float("inf"))
+        q_hash = q_hash.reshape(batch, heads, n_q, n_rounds).transpose(-1, -2)  # (B,H,R,N)
+        k_hash = k_hash.transpose(-1, -2)  # (B,Hkv,R,S)
+        q_order = torch.sort(q_hash, dim=-1, stable=True).indices
+        k_order = torch.sort(k_hash, dim=-1, stable=True).indices
+
+        n_buckets = math.ceil(n_k / bucket_size)
+        q_chunk = math.ceil(n_q / n_buckets)
+        q_index = _pad_last(q_order, n_buckets * q_chunk, n_q)
+        k_index = _pad_last(k_order, n_buckets * bucket_size, n_k)
+        q_bucket = _ranks_to_buckets(q_order, q_chunk)
+        k_bucket = _ranks_to_buckets(k_order, bucket_size)
+        return SparsePlan(
+            q_index=q_index.reshape(batch, heads, n_rounds, n_buckets, q_chunk),
+            k_index=k_index.reshape(batch, kv_heads, n_rounds, n_buckets, bucket_size),
+            num_queries=n_q,
+            num_keys=n_k,
+            q_bucket=q_bucket,
+            k_bucket=k_bucket,
+        )
+
+
+def _pad_last(order: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+    pad = length - order.shape[-1]
+    if pad == 0:
+        return order
+    filler = torch.full((*order.shape[:-1], pad), fill, dtype=order.dtype, device=order.device)
+    return torch.cat([order, filler], dim=-1)
+
+
+def _ranks_to_buckets(order: torch.Tensor, chunk: int) -> torch.Tensor:
+    """bucket[..., order[..., p]] = p // chunk: the bucket of each position, from the sort order."""
+    ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks // chunk)
+
+
+def local_plan(
+    num_queries: int, num_keys: int, *, window: int, device: torch.device, block: int = 64
+) -> SparsePlan:
+    """Local window support |i - j| <= window // 2 (positions compared as they are).
+
+    Query tiles are contiguous blocks of `block` positions; each tile's keys are the band
+    [start - h, start + block - 1 + h], h = window // 2, and the plan's `band` keeps |i - j| <= h.
+    """
+    half = window // 2
+    tq = max(1, min(block, num_queries))
+    n_tiles = math.ceil(num_queries / tq)
+    q_pos = torch.arange(n_tiles * tq, device=device).reshape(n_tiles, tq)
+    q_index = torch.where(q_pos < num_queries, q_pos, torch.full_like(q_pos, num_queries))
+    if tq + 2 * half >= num_keys:  # the band spans every key: one key list for all tiles
+        k_index = torch.arange(num_keys, device=device).expand(n_tiles, num_keys)
+    else:
+        starts = torch.arange(n_tiles, device=device) * tq - half
+        k_pos = starts[:, None] + torch.arange(tq + 2 * half, device=device)
+        inside = (k_pos >= 0) & (k_pos < num_keys)
+        k_index = torch.where(inside, k_pos, torch.full_like(k_pos, num_keys))
+    return SparsePlan(
+        q_index=q_index.reshape(1, 1, 1, n_tiles, tq),
+        k_index=k_index.reshape(1, 1, 1, n_tiles, k_index.shape[-1]),
+        num_queries=num_queries,
+        num_keys=num_keys,
+        band=half,
+    )
