@@ -71,12 +71,12 @@ def effective_feature_matrix(feature_matrix: torch.Tensor, feature_type: str) ->
 
 def feature_logits(x: torch.Tensor, feature_matrix: torch.Tensor) -> torch.Tensor:
     """log(sqrt(m) phi(x)) = W x - |x|^2 / 2, shape (..., m). x is already scaled by sqrt(tau)."""
-    return x @ feature_matrix.to(x.dtype).t() - 0.5 * (x * x).sum(-1, keepdim=True)
+    return x @ feature_matrix.to(x.dtype).transpose(-1, -2) - 0.5 * (x * x).sum(-1, keepdim=True)
 
 
 def positive_features(x: torch.Tensor, feature_matrix: torch.Tensor) -> torch.Tensor:
     """phi(x) = exp(W x - |x|^2/2) / sqrt(m), unstabilised (for tests and small diagnostics)."""
-    m = feature_matrix.shape[0]
+    m = feature_matrix.shape[-2]
     return torch.exp(feature_logits(x, feature_matrix)) / math.sqrt(m)
 
 

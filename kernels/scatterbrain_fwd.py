@@ -1,0 +1,373 @@
+"""Triton forward kernels of Scatterbrain attention (non-causal).
+
+Math and stabilisers: scatterattn/reference.py (the PyTorch reference these kernels must match) and
+shared/docs/scatterbrain-math.md. Per (batch, head), with q~ = sqrt(tau) q, k~ = sqrt(tau) k and
+feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
+
+1. `key_state_kernel`, grid (key splits, feature chunks, B * Hkv): for its keys and features, the
+   per-feature maximum g_f of l(k)_f and the partial sums KV_f = sum_j exp(l(k_j)_f - g_f) v_j,
+   z_f = sum_j exp(l(k_j)_f - g_f), rescaled online as the maximum grows. phi(K) is never stored;
+   `combine_key_state` merges the splits (split-K style).
+2. `sparse_lowrank_fwd_kernel`, grid (tiles, B * H) for one round: a tile's queries and keys are
+   loaded through the plan's index lists (no gathered copies). With r_i the row stabiliser:
+     phi_if = exp(l(q_i)_f + g_f - r_i) / m,  num_i = phi_i . KV + sum_{j in Sup_i} C_ij v_j,
+     den_i = phi_i . z + sum_{j in Sup_i} C_ij,   C_ij = exp(s_ij - r_i) - phi_i . phi~_j
+   where phi~_jf = exp(l(k_j)_f - g_f). r_i starts at max_f (l(q_i)_f + g_f) and grows online over
+   the key chunks (flash style). The low-rank term is added in round 0 only; each round writes
+   (num, den, r) and `combine_rounds` merges rounds, or round 0 of a one-round plan writes O.
+
+Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
+'ieee' for fp32 inputs); the products with the fp32 state KV use FP32_PREC ('tf32' for half inputs,
+'ieee' for fp32). The feature matrix is rounded to the input dtype once, by the caller.
+"""
+
+import triton
+import triton.language as tl
+
+NEG = -1.0e30  # "minus infinity" that keeps exp(NEG - NEG) finite
+
+
+@triton.jit
+def _feature_logits(x, x_sq_half, W, f0, M, D, stride_wm, sqrt_tau,
+                    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """(rows, BLOCK_F) fp32: w_f . x~ - |x~|^2/2 for features f0 .. f0 + BLOCK_F; NEG past M."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    offs_d = tl.arange(0, BLOCK_D)
+    w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
+                mask=(offs_f[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+    logits = tl.dot(x, tl.trans(w), input_precision=PREC) * sqrt_tau - x_sq_half[:, None]
+    return tl.where(offs_f[None, :] < M, logits, NEG)
+
+
+@triton.jit
+def key_state_kernel(
+    K, V, W, KEY_VALID, KV_PART, Z_PART, MAX_PART,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wm, stride_valid_b,
+    Hkv, S, M, D, DV, keys_per_split, sqrt_tau,
+    HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_split = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    n_splits = tl.num_programs(0)
+    f0 = pid_f * BLOCK_F
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+
+    run_max = tl.full((BLOCK_F,), NEG, tl.float32)
+    acc = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
+    z_acc = tl.zeros((BLOCK_F,), tl.float32)
+    start = pid_split * keys_per_split
+    for s0 in range(start, start + keys_per_split, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        valid = offs_s < S
+        if HAS_VALID:
+            valid = valid & (tl.load(KEY_VALID + b * stride_valid_b + offs_s, mask=valid, other=0) != 0)
+        k = tl.load(k_base + offs_s[:, None] * stride_kn + offs_d[None, :],
+                    mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + offs_s[:, None] * stride_vn + offs_dv[None, :],
+                    mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        kf = k.to(tl.float32)
+        k_sq_half = tl.sum(kf * kf, 1) * (0.5 * sqrt_tau * sqrt_tau)
+        logits = _feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+        logits = tl.where(valid[:, None], logits, NEG)
+        new_max = tl.maximum(run_max, tl.max(logits, 0))
+        alpha = tl.exp(run_max - new_max)
+        p = tl.where(valid[:, None], tl.exp(logits - new_max[None, :]), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p).to(v.dtype), v, input_precision=PREC)
+        z_acc = z_acc * alpha + tl.sum(p, 0)
+        run_max = new_max
+
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    f_ok = offs_f < M
+    part = (pid_bh * n_splits + pid_split).to(tl.int64)
+    tl.store(MAX_PART + part * M + offs_f, run_max, mask=f_ok)
+    tl.store(Z_PART + part * M + offs_f, z_acc, mask=f_ok)
+    tl.store(KV_PART + part * M * DV + offs_f[:, None] * DV + offs_dv[None, :], acc,
+             mask=f_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def sparse_lowrank_fwd_kernel(
+    Q, K, V, W, KV, Z, G, Q_INDEX, K_INDEX, KEY_VALID, Q_BUCKET, K_BUCKET,
+    OUT, NUM, DEN, STAB,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_wm,
+    stride_qib, stride_qih, stride_qit,
+    stride_kib, stride_kih, stride_kit,
+    stride_qbb, stride_qbh, stride_qbr,
+    stride_kbb, stride_kbh, stride_kbr,
+    stride_valid_b,
+    stride_nb, stride_nh, stride_nn,
+    stride_sb, stride_sh,
+    H, GROUP, N, S, M, D, DV, TQ, TK, ROUND, BAND, tau, sqrt_tau, inv_m,
+    HAS_FEATURES: tl.constexpr, ADD_LOW_RANK: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_BAND: tl.constexpr, DEDUP: tl.constexpr, WRITE_OUT: tl.constexpr,
+    PREC: tl.constexpr, FP32_PREC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // GROUP
+    b64 = b.to(tl.int64)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    qi = tl.load(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + offs_q,
+                 mask=offs_q < TQ, other=N)
+    q_ok = qi < N
+    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + qi[:, None].to(tl.int64) * stride_qn
+                + offs_d[None, :], mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    qf = q.to(tl.float32)
+    q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
+    k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    state = (b * (H // GROUP) + hkv).to(tl.int64)
+
+    # Row stabiliser from the low-rank term: r_i = max_f (l(q_i)_f + g_f).
+    row_lr = tl.full((BLOCK_Q,), NEG, tl.float32)
+    if HAS_FEATURES:
+        for f0 in range(0, M, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
+            lq = _feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+            row_lr = tl.maximum(row_lr, tl.max(lq + g[None, :], 1))
+    row = row_lr
+
+    acc = tl.zeros((BLOCK_Q, BLOCK_DV), tl.float32)
+    den = tl.zeros((BLOCK_Q,), tl.float32)
+    if ADD_LOW_RANK:
+        for f0 in range(0, M, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = offs_f < M
+            g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+            lq = _feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+            phi_q = tl.exp(lq + g[None, :] - row_lr[:, None]) * inv_m
+            kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                         mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0)
+            acc += tl.dot(phi_q, kv, input_precision=FP32_PREC)
+            den += tl.sum(phi_q * z[None, :], 1)
+
+    for k0 in range(0, TK, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kj = tl.load(K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit + offs_k,
+                     mask=offs_k < TK, other=S)
+        k_ok = kj < S
+        if HAS_VALID:
+            k_ok = k_ok & (tl.load(KEY_VALID + b * stride_valid_b + kj, mask=k_ok, other=0) != 0)
+        k = tl.load(k_base + kj[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + kj[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
+                    mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        pair = q_ok[:, None] & k_ok[None, :]
+        if HAS_BAND:
+            diff = qi[:, None] - kj[None, :]
+            pair = pair & (diff <= BAND) & (diff >= -BAND)
+        if DEDUP:
+            for earlier in range(0, ROUND):
+                qb = tl.load(Q_BUCKET + b64 * stride_qbb + h * stride_qbh + earlier * stride_qbr + qi,
+                             mask=q_ok, other=-1)
+                kb = tl.load(K_BUCKET + b64 * stride_kbb + hkv * stride_kbh + earlier * stride_kbr + kj,
+                             mask=k_ok, other=-2)
+                pair = pair & (qb[:, None] != kb[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * tau
+        s = tl.where(pair, s, NEG)
+        new_row = tl.maximum(row, tl.max(s, 1))
+        alpha = tl.exp(row - new_row)
+        acc = acc * alpha[:, None]
+        den = den * alpha
+        corr = tl.where(pair, tl.exp(s - new_row[:, None]), 0.0)
+        if HAS_FEATURES:
+            kf = k.to(tl.float32)
+            k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
+            low_rank = tl.zeros((BLOCK_Q, BLOCK_K), tl.float32)
+            for f0 in range(0, M, BLOCK_F):
+                offs_f = f0 + tl.arange(0, BLOCK_F)
+                g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
+                lq = _feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+                lk = _feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+                phi_q = tl.exp(lq + g[None, :] - row_lr[:, None])
+                phi_k = tl.exp(lk - g[None, :])
+                low_rank += tl.dot(phi_q.to(q.dtype), tl.trans(phi_k.to(q.dtype)), input_precision=PREC)
+            scale = tl.exp(row_lr - new_row) * inv_m
+            corr = corr - tl.where(pair, low_rank * scale[:, None], 0.0)
+        acc += tl.dot(corr.to(v.dtype), v, input_precision=PREC)
+        den += tl.sum(corr, 1)
+        row = new_row
+
+    if WRITE_OUT:
+        out = acc / tl.where(den > 0, den, 1.0)[:, None]
+        tl.store(OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + qi[:, None].to(tl.int64) * stride_on
+                 + offs_dv[None, :], out.to(OUT.dtype.element_ty),
+                 mask=q_ok[:, None] & (offs_dv[None, :] < DV))
+    else:
+        tl.store(NUM + b64 * stride_nb + h.to(tl.int64) * stride_nh + qi[:, None].to(tl.int64) * stride_nn
+                 + offs_dv[None, :], acc, mask=q_ok[:, None] & (offs_dv[None, :] < DV))
+    stat = b64 * stride_sb + h.to(tl.int64) * stride_sh + qi
+    tl.store(DEN + stat, den, mask=q_ok)
+    tl.store(STAB + stat, row, mask=q_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+def precisions(dtype: torch.dtype) -> tuple[str, str]:
+    """(PREC, FP32_PREC): IEEE fp32 dots for fp32 inputs, tf32 for the fp32 state otherwise."""
+    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
+
+
+def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=64, block_f=32, keys_per_split=1024):
+    """KV (B*Hkv, m, Dv), z (B*Hkv, m), g (B*Hkv, m), all fp32: the stabilised key-side state.
+
+    k (B, Hkv, S, D), v (B, Hkv, S, Dv) contiguous in the last dim; w (m, D) in k's dtype;
+    key_valid (B, S) int8/bool or None. g_f is the max over real keys of l(k)_f (0 if none).
+    """
+    batch, kv_heads, n_k, dim = k.shape
+    v_dim = v.shape[-1]
+    m = w.shape[0]
+    keys_per_split = max(block_s, min(keys_per_split, triton.next_power_of_2(n_k)))
+    keys_per_split = math.ceil(keys_per_split / block_s) * block_s
+    n_splits = math.ceil(n_k / keys_per_split)
+    bh = batch * kv_heads
+    kv_part = torch.empty(bh, n_splits, m, v_dim, device=k.device, dtype=torch.float32)
+    z_part = torch.empty(bh, n_splits, m, device=k.device, dtype=torch.float32)
+    max_part = torch.empty(bh, n_splits, m, device=k.device, dtype=torch.float32)
+    valid = key_valid if key_valid is not None else k  # dummy pointer when absent
+    prec, _ = precisions(k.dtype)
+    grid = (n_splits, triton.cdiv(m, block_f), bh)
+    key_state_kernel[grid](
+        k, v, w, valid, kv_part, z_part, max_part,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        w.stride(0), valid.stride(0) if key_valid is not None else 0,
+        kv_heads, n_k, m, dim, v_dim, keys_per_split, sqrt_tau,
+        HAS_VALID=key_valid is not None, PREC=prec,
+        BLOCK_S=block_s, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+    )
+    return combine_key_state(kv_part, z_part, max_part)
+
+
+def combine_key_state(kv_part, z_part, max_part):
+    """Merge per-split partial states to the global per-feature maximum g."""
+    g = max_part.amax(dim=1)
+    g = torch.where(g > NEG / 2, g, torch.zeros_like(g))  # no real key at all: any shift works
+    weight = torch.exp(max_part - g.unsqueeze(1))
+    kv = (kv_part * weight.unsqueeze(-1)).sum(1)
+    z = (z_part * weight).sum(1)
+    return kv, z, g
+
+
+def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype,
+                           block_q=None, block_k=None, block_f=32):
+    """Scatterbrain forward for a non-causal plan. Returns (out (B, H, N, Dv), den (B, H, N),
+    stab (B, H, N)) with den and stab the per-row statistics of the combined rounds:
+    O_i = num_i / den_i with every term of row i scaled by exp(-stab_i).
+
+    q (B, H, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); w (m, D) in q's dtype or None;
+    state = key_state(...) or None; plan: scatterattn.sparsity.SparsePlan or None (no support).
+    """
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+    device = q.device
+    has_features = w is not None
+    if plan is None:  # low-rank only: one query tile per block of rows, no key list
+        tq = block_q or 64
+        n_tiles = math.ceil(n_q / tq)
+        pos = torch.arange(n_tiles * tq, device=device)
+        q_index = torch.where(pos < n_q, pos, n_q).reshape(1, 1, 1, n_tiles, tq)
+        k_index = torch.zeros(1, 1, 1, n_tiles, 0, dtype=torch.long, device=device)
+        band, q_bucket, k_bucket = None, None, None
+    else:
+        q_index, k_index = plan.q_index, plan.k_index
+        band, q_bucket, k_bucket = plan.band, plan.q_bucket, plan.k_bucket
+    n_rounds, n_tiles, tq = q_index.shape[-3:]
+    tk = k_index.shape[-1]
+    q_index = q_index.to(device=device, dtype=torch.int32).contiguous().expand(batch, heads, -1, -1, -1)
+    k_index = k_index.to(device=device, dtype=torch.int32).contiguous().expand(batch, kv_heads, -1, -1, -1)
+    dedup = q_bucket is not None and n_rounds > 1
+    if dedup:
+        q_bucket = q_bucket.to(device=device, dtype=torch.int32).contiguous()
+        k_bucket = k_bucket.to(device=device, dtype=torch.int32).contiguous()
+    else:
+        q_bucket = k_bucket = q_index  # unused pointers
+    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else q_index
+    kv, z, g = state if has_features else (q, q, q)
+    w_arg = w if has_features else q
+    m = w.shape[0] if has_features else 0
+    prec, fp32_prec = precisions(q.dtype)
+    block_q = block_q or _pow2(tq)
+    block_k = block_k or min(_pow2(tk), 128)
+    out = torch.empty(batch, heads, n_q, v_dim, device=device, dtype=out_dtype)
+    write_out = n_rounds == 1
+    if write_out:
+        num = out
+        den = torch.empty(batch, heads, n_q, device=device, dtype=torch.float32)
+        stab = torch.empty_like(den)
+    else:
+        num = torch.empty(n_rounds, batch, heads, n_q, v_dim, device=device, dtype=torch.float32)
+        den = torch.empty(n_rounds, batch, heads, n_q, device=device, dtype=torch.float32)
+        stab = torch.empty_like(den)
+    for r in range(n_rounds):
+        qi, kj = q_index[:, :, r], k_index[:, :, r]
+        num_r = num if write_out else num[r]
+        den_r = den if write_out else den[r]
+        stab_r = stab if write_out else stab[r]
+        sparse_lowrank_fwd_kernel[(n_tiles, batch * heads)](
+            q, k, v, w_arg, kv, z, g, qi, kj, valid, q_bucket, k_bucket,
+            out, num_r, den_r, stab_r,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            w_arg.stride(0),
+            qi.stride(0), qi.stride(1), qi.stride(2),
+            kj.stride(0), kj.stride(1), kj.stride(2),
+            q_bucket.stride(0), q_bucket.stride(1), q_bucket.stride(2),
+            k_bucket.stride(0), k_bucket.stride(1), k_bucket.stride(2),
+            valid.stride(0),
+            num_r.stride(0), num_r.stride(1), num_r.stride(2),
+            den_r.stride(0), den_r.stride(1),
+            heads, heads // kv_heads, n_q, n_k, m, dim, v_dim, tq, tk, r,
+            band if band is not None else 0, tau, math.sqrt(tau), 1.0 / max(m, 1),
+            HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
+            HAS_VALID=key_valid is not None, HAS_BAND=band is not None, DEDUP=dedup and r > 0,
+            WRITE_OUT=write_out, PREC=prec, FP32_PREC=fp32_prec,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f,
+            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+        )
+    if write_out:
+        return out, den, stab
+    return combine_rounds(num, den, stab, out)
+
+
+def combine_rounds(num, den, stab, out):
+    """Merge per-round (num, den, stab) (R, B, H, N[, Dv]) into out; returns (out, den, stab)."""
+    top = stab.amax(0)
+    weight = torch.exp(stab - top)
+    den_all = (den * weight).sum(0)
+    num_all = (num * weight.unsqueeze(-1)).sum(0)
+    safe = torch.where(den_all > 0, den_all, torch.ones_like(den_all))
+    out.copy_(num_all / safe.unsqueeze(-1))
+    return out, den_all, top
