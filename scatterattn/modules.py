@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import ScatterbrainConfig
 from .features import make_generator
-from .functional import BACKENDS, draw_random_parameters, prepare, run_prepared
+from .functional import BACKENDS, draw_random_parameters, prepare, run_prepared, validate_qkv
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _RANDOM_BUFFERS = ("feature_matrix", "hash_projections")
@@ -98,7 +98,8 @@ class ScatterbrainAttention(nn.Module):
         is_causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if isinstance(query, torch.Tensor) and query.dim() == 4 and query.shape[-1] != self.head_dim:
+        validate_qkv(query, key, value, key_padding_mask, scale)  # before the schedule moves
+        if query.shape[-1] != self.head_dim:
             raise ValueError(
                 f"query head_dim {query.shape[-1]} does not match this module's head_dim {self.head_dim}"
             )

@@ -11,7 +11,8 @@ Shapes (B batch, H query heads, Hkv key/value heads, R rounds, T tiles, tq / tk 
   k_index (B or 1, Hkv or 1, R, T, tk) int64, key positions; S marks an empty slot
   q_bucket (B, H, R, N), k_bucket (B, Hkv, R, S): bucket of each position in each round (LSH only),
   used to count duplicates once.
-Hashing carries no gradient.
+Within a round a query appears in exactly one tile; a key may appear in several (local bands,
+LSH buckets shared by several query chunks under key padding). Hashing carries no gradient.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def lsh_plan(
     2 M^2 - 2 q.k. Each round projects onto a_r and sorts; the sorted keys are cut into
     n_buckets = ceil(S / bucket_size) chunks of bucket_size keys and the sorted queries into as many
     chunks of ceil(N / n_buckets) queries: query chunk b attends key chunk b (rank quantiles are
-    aligned). Masked keys hash to +inf, sort last and are dropped from the support.
+    aligned). Masked keys hash to +inf and sort last; when a batch element has padding, its query
+    chunks are spread evenly over the buckets that hold real keys, so every query still attends a
+    full bucket (a bucket may then serve several query chunks of a round).
     """
     batch, heads, n_q, dim = query.shape
     kv_heads, n_k = key.shape[1], key.shape[2]
@@ -84,12 +87,28 @@ def lsh_plan(
         n_buckets = math.ceil(n_k / bucket_size)
         q_chunk = math.ceil(n_q / n_buckets)
         q_index = _pad_last(q_order, n_buckets * q_chunk, n_q)
-        k_index = _pad_last(k_order, n_buckets * bucket_size, n_k)
-        q_bucket = _ranks_to_buckets(q_order, q_chunk)
+        k_index = _pad_last(k_order, n_buckets * bucket_size, n_k).reshape(
+            batch, kv_heads, n_rounds, n_buckets, bucket_size
+        )
+        # Query chunk t attends key bucket tile_bucket[b, t]. Without padding that is bucket t; with
+        # padding only the first ceil(real keys / bucket_size) buckets hold real keys, and the query
+        # chunks are spread evenly over those (a bucket may serve several chunks).
+        chunk_ids = torch.arange(n_buckets, device=q.device)
+        if key_valid is None:
+            tile_bucket = chunk_ids.expand(batch, n_buckets)
+        else:
+            real_buckets = torch.div(key_valid.sum(-1) + bucket_size - 1, bucket_size, rounding_mode="floor")
+            tile_bucket = torch.div(chunk_ids * real_buckets.clamp_min(1)[:, None], n_buckets, rounding_mode="floor")
+            k_index = k_index.gather(
+                -2, tile_bucket[:, None, None, :, None].expand(batch, kv_heads, n_rounds, n_buckets, bucket_size)
+            )
+        q_bucket = tile_bucket[:, None, None, :].expand(batch, heads, n_rounds, n_buckets).gather(
+            -1, _ranks_to_buckets(q_order, q_chunk)
+        )
         k_bucket = _ranks_to_buckets(k_order, bucket_size)
         return SparsePlan(
             q_index=q_index.reshape(batch, heads, n_rounds, n_buckets, q_chunk),
-            k_index=k_index.reshape(batch, kv_heads, n_rounds, n_buckets, bucket_size),
+            k_index=k_index,
             num_queries=n_q,
             num_keys=n_k,
             q_bucket=q_bucket,

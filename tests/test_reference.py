@@ -191,6 +191,11 @@ def test_lsh_padded_keys_are_never_in_the_support():
     kpm = padding_mask(2, 50)
     support = sa.attention_support(q, k, num_features=0, bucket_size=8, n_hashes=2, key_padding_mask=kpm, seed=0)
     assert not support[kpm[:, None, None, :].expand_as(support)].any()
+    # query chunks are spread over the buckets that hold real keys: nobody is left without keys
+    one_round = sa.attention_support(q, k, num_features=0, bucket_size=8, key_padding_mask=kpm, seed=0)
+    counts = one_round.sum(-1)
+    assert counts.min() >= 1 and counts.max() == 8
+    assert (counts == 8).float().mean() > 0.7
 
 
 # ---------------------------------------------------------------- random features

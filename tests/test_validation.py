@@ -438,12 +438,6 @@ def test_fully_padded_batch_element_has_finite_zero_gradients(call):
     assert v.grad[1, :, :7].abs().sum() > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (sparsity.lsh_plan): n_buckets = ceil(S / bucket_size) counts padded keys, which sort "
-    "last; the query chunks aligned with the all-padding key chunks get an empty support, so "
-    "lsh_attention returns zero rows for queries that do have real keys",
-)
 def test_lsh_partial_padding_leaves_no_query_without_keys():
     # Half the keys padded: every query still has 8 real keys, so with bucket_size=4 each query
     # should attend 4 real keys and no output row may be all zeros.
