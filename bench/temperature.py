@@ -241,6 +241,9 @@ def summary_line(rows: list[dict]) -> str:
             if rs:
                 parts.append(f"{LABELS[m]} is best at T = {temps(rs)}")
         text += " It does not win where " + "; ".join(parts) + "."
+    useless = [r for r in rows if min(r[f"{m}_attn"] for m in METHODS) >= 1.0]
+    if useless:
+        text += f" At T = {temps(useless)} every method's error is >= 1 (no method approximates A usefully)."
     return text
 
 
@@ -332,14 +335,15 @@ def write_plot(rows: list[dict], path: Path) -> bool:
         ax.axhline(math.sqrt(2), color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("softmax temperature T  (scale = 1 / (T sqrt(D)); low = peaked, high = flat)")
+        ax.set_xlabel("softmax temperature T   (peaked <-  ->  flat)")
         ax.set_ylabel("relative error (mean over seeds)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=9)
     fig.suptitle(
         f"Error vs temperature at equal budget {r0['budget']}/query  "
-        f"(N={r0['n']}, D={r0['d']}, H={r0['heads']}, {r0['n_seeds']} seeds; dotted: sqrt(2))",
+        f"(N={r0['n']}, D={r0['d']}, H={r0['heads']}, {r0['n_seeds']} seeds; scale = 1/(T sqrt(D)); "
+        f"dotted: sqrt(2))",
         fontsize=11,
     )
     fig.savefig(path, dpi=120)

@@ -24,19 +24,7 @@ Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp
 import triton
 import triton.language as tl
 
-NEG = -1.0e30  # "minus infinity" that keeps exp(NEG - NEG) finite
-
-
-@triton.jit
-def _feature_logits(x, x_sq_half, W, f0, M, D, stride_wm, sqrt_tau,
-                    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """(rows, BLOCK_F) fp32: w_f . x~ - |x~|^2/2 for features f0 .. f0 + BLOCK_F; NEG past M."""
-    offs_f = f0 + tl.arange(0, BLOCK_F)
-    offs_d = tl.arange(0, BLOCK_D)
-    w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
-                mask=(offs_f[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-    logits = tl.dot(x, tl.trans(w), input_precision=PREC) * sqrt_tau - x_sq_half[:, None]
-    return tl.where(offs_f[None, :] < M, logits, NEG)
+from .scatterbrain_common import NEG, feature_logits, load_key_chunk, load_query_tile, support_mask
 
 
 @triton.jit
@@ -76,7 +64,7 @@ def key_state_kernel(
                     mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         kf = k.to(tl.float32)
         k_sq_half = tl.sum(kf * kf, 1) * (0.5 * sqrt_tau * sqrt_tau)
-        logits = _feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+        logits = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
         logits = tl.where(valid[:, None], logits, NEG)
         new_max = tl.maximum(run_max, tl.max(logits, 0))
         alpha = tl.exp(run_max - new_max)
@@ -122,15 +110,10 @@ def sparse_lowrank_fwd_kernel(
     h = pid_bh % H
     hkv = h // GROUP
     b64 = b.to(tl.int64)
-    offs_q = tl.arange(0, BLOCK_Q)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-
-    qi = tl.load(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + offs_q,
-                 mask=offs_q < TQ, other=N)
-    q_ok = qi < N
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + qi[:, None].to(tl.int64) * stride_qn
-                + offs_d[None, :], mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit, TQ, N,
+                                  Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, D,
+                                  BLOCK_Q, BLOCK_D)
     qf = q.to(tl.float32)
     q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
     k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
@@ -143,7 +126,7 @@ def sparse_lowrank_fwd_kernel(
         for f0 in range(0, M, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
-            lq = _feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+            lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
             row_lr = tl.maximum(row_lr, tl.max(lq + g[None, :], 1))
     row = row_lr
 
@@ -154,7 +137,7 @@ def sparse_lowrank_fwd_kernel(
             offs_f = f0 + tl.arange(0, BLOCK_F)
             f_ok = offs_f < M
             g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
-            lq = _feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+            lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
             phi_q = tl.exp(lq + g[None, :] - row_lr[:, None]) * inv_m
             kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
                          mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -164,26 +147,14 @@ def sparse_lowrank_fwd_kernel(
 
     for k0 in range(0, TK, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        kj = tl.load(K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit + offs_k,
-                     mask=offs_k < TK, other=S)
-        k_ok = kj < S
-        if HAS_VALID:
-            k_ok = k_ok & (tl.load(KEY_VALID + b * stride_valid_b + kj, mask=k_ok, other=0) != 0)
-        k = tl.load(k_base + kj[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                    mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + kj[:, None].to(tl.int64) * stride_vn + offs_dv[None, :],
-                    mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        pair = q_ok[:, None] & k_ok[None, :]
-        if HAS_BAND:
-            diff = qi[:, None] - kj[None, :]
-            pair = pair & (diff <= BAND) & (diff >= -BAND)
-        if DEDUP:
-            for earlier in range(0, ROUND):
-                qb = tl.load(Q_BUCKET + b64 * stride_qbb + h * stride_qbh + earlier * stride_qbr + qi,
-                             mask=q_ok, other=-1)
-                kb = tl.load(K_BUCKET + b64 * stride_kbb + hkv * stride_kbh + earlier * stride_kbr + kj,
-                             mask=k_ok, other=-2)
-                pair = pair & (qb[:, None] != kb[None, :])
+        kj, k_ok, k, v = load_key_chunk(
+            K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
+            KEY_VALID + b * stride_valid_b, k_base, v_base, stride_kn, stride_vn, D, DV,
+            HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
+        pair = support_mask(
+            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h * stride_qbh,
+            K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
+            HAS_BAND, DEDUP)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * tau
         s = tl.where(pair, s, NEG)
         new_row = tl.maximum(row, tl.max(s, 1))
@@ -198,8 +169,8 @@ def sparse_lowrank_fwd_kernel(
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F)
                 g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
-                lq = _feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-                lk = _feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+                lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+                lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 phi_q = tl.exp(lq + g[None, :] - row_lr[:, None])
                 phi_k = tl.exp(lk - g[None, :])
                 low_rank += tl.dot(phi_q.to(q.dtype), tl.trans(phi_k.to(q.dtype)), input_precision=PREC)
@@ -225,6 +196,7 @@ def sparse_lowrank_fwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 import math  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -279,6 +251,59 @@ def combine_key_state(kv_part, z_part, max_part):
     return kv, z, g
 
 
+@dataclass
+class KernelTiles:
+    """A SparsePlan laid out for the kernels: int32 index lists expanded over batch and heads.
+
+    Without a plan (low-rank only) the tiles are contiguous blocks of 64 queries with no keys.
+    """
+
+    q_index: torch.Tensor  # (B, H, R, T, tq) int32
+    k_index: torch.Tensor  # (B, Hkv, R, T, tk) int32
+    q_bucket: torch.Tensor  # (B, H, R, N) int32, or q_index as an unused pointer
+    k_bucket: torch.Tensor
+    band: int
+    has_band: bool
+    dedup: bool
+
+    @property
+    def n_rounds(self):
+        return self.q_index.shape[2]
+
+    @property
+    def n_tiles(self):
+        return self.q_index.shape[3]
+
+    @property
+    def tq(self):
+        return self.q_index.shape[4]
+
+    @property
+    def tk(self):
+        return self.k_index.shape[4]
+
+    @classmethod
+    def from_plan(cls, plan, batch, heads, kv_heads, n_q, device, low_rank_block=64):
+        if plan is None:
+            n_tiles = math.ceil(n_q / low_rank_block)
+            pos = torch.arange(n_tiles * low_rank_block, device=device)
+            q_index = torch.where(pos < n_q, pos, n_q).reshape(1, 1, 1, n_tiles, low_rank_block)
+            k_index = torch.zeros(1, 1, 1, n_tiles, 0, dtype=torch.long, device=device)
+            band, q_bucket, k_bucket = None, None, None
+        else:
+            q_index, k_index = plan.q_index, plan.k_index
+            band, q_bucket, k_bucket = plan.band, plan.q_bucket, plan.k_bucket
+        q_index = q_index.to(device=device, dtype=torch.int32).contiguous().expand(batch, heads, -1, -1, -1)
+        k_index = k_index.to(device=device, dtype=torch.int32).contiguous().expand(batch, kv_heads, -1, -1, -1)
+        dedup = q_bucket is not None and q_index.shape[2] > 1
+        if dedup:
+            q_bucket = q_bucket.to(device=device, dtype=torch.int32).contiguous()
+            k_bucket = k_bucket.to(device=device, dtype=torch.int32).contiguous()
+        else:
+            q_bucket = k_bucket = q_index
+        return cls(q_index, k_index, q_bucket, k_bucket, band or 0, band is not None, dedup)
+
+
 def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype,
                            block_q=None, block_k=None, block_f=32):
     """Scatterbrain forward for a non-causal plan. Returns (out (B, H, N, Dv), den (B, H, N),
@@ -292,26 +317,9 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
     kv_heads, n_k, v_dim = k.shape[1], k.shape[2], v.shape[-1]
     device = q.device
     has_features = w is not None
-    if plan is None:  # low-rank only: one query tile per block of rows, no key list
-        tq = block_q or 64
-        n_tiles = math.ceil(n_q / tq)
-        pos = torch.arange(n_tiles * tq, device=device)
-        q_index = torch.where(pos < n_q, pos, n_q).reshape(1, 1, 1, n_tiles, tq)
-        k_index = torch.zeros(1, 1, 1, n_tiles, 0, dtype=torch.long, device=device)
-        band, q_bucket, k_bucket = None, None, None
-    else:
-        q_index, k_index = plan.q_index, plan.k_index
-        band, q_bucket, k_bucket = plan.band, plan.q_bucket, plan.k_bucket
-    n_rounds, n_tiles, tq = q_index.shape[-3:]
-    tk = k_index.shape[-1]
-    q_index = q_index.to(device=device, dtype=torch.int32).contiguous().expand(batch, heads, -1, -1, -1)
-    k_index = k_index.to(device=device, dtype=torch.int32).contiguous().expand(batch, kv_heads, -1, -1, -1)
-    dedup = q_bucket is not None and n_rounds > 1
-    if dedup:
-        q_bucket = q_bucket.to(device=device, dtype=torch.int32).contiguous()
-        k_bucket = k_bucket.to(device=device, dtype=torch.int32).contiguous()
-    else:
-        q_bucket = k_bucket = q_index  # unused pointers
+    tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
+    n_rounds, n_tiles, tq, tk = tiles.n_rounds, tiles.n_tiles, tiles.tq, tiles.tk
+    q_index, k_index, q_bucket, k_bucket = tiles.q_index, tiles.k_index, tiles.q_bucket, tiles.k_bucket
     valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else q_index
     kv, z, g = state if has_features else (q, q, q)
     w_arg = w if has_features else q
@@ -350,9 +358,9 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
             num_r.stride(0), num_r.stride(1), num_r.stride(2),
             den_r.stride(0), den_r.stride(1),
             heads, heads // kv_heads, n_q, n_k, m, dim, v_dim, tq, tk, r,
-            band if band is not None else 0, tau, math.sqrt(tau), 1.0 / max(m, 1),
+            tiles.band, tau, math.sqrt(tau), 1.0 / max(m, 1),
             HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
-            HAS_VALID=key_valid is not None, HAS_BAND=band is not None, DEDUP=dedup and r > 0,
+            HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
             WRITE_OUT=write_out, PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f,
             BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),

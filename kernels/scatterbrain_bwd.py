@@ -1,0 +1,337 @@
+"""Triton backward kernels of Scatterbrain attention (non-causal).
+
+Formulas: shared/docs/scatterbrain-math.md, "Backward", in the stabilised units of the forward
+(scatterbrain_fwd.py). Per row i, with the forward's stabiliser r_i and denominator den_i:
+    G_i = dO_i / den_i,  delta_i = G_i . O_i,  dA_ij = G_i . v_j - delta_i,
+    P_if = exp(l(q_i)_f + g_f - r_i) / m,  Kt_jf = exp(l(k_j)_f - g_f),
+    E_ij = exp(s_ij - r_i) and C_ij = E_ij - P_i . Kt_j on the support.
+  dv_j = Kt_j . QG + sum_{i: j in Sup_i} C_ij G_i                 with QG_f = sum_i P_if G_i
+  ds_ij = E_ij dA_ij on the support: dq_i += tau ds_ij k_j, dk_j += tau ds_ij q_i
+  feature paths, u = d(phi) * phi:
+    u_if = P_if (G_i . KV_f - delta_i z_f - sum_{j in Sup_i} dA_ij Kt_jf)
+    u_jf = Kt_jf (v_j . QG_f - qd_f - sum_{i: j in Sup_i} dA_ij P_if)  with qd_f = sum_i delta_i P_if
+    dq_i += sqrt(tau) W^T u_i - tau q_i sum_f u_if   (and the same for dk_j with u_j, k_j)
+Kernels:
+  * query_state_kernel: QG and qd (split over queries, partial sums added on the host);
+  * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv);
+  * sparse_lowrank_bwd_kernel: per tile of a round, dq (the round-0 low-rank term and the support
+    terms; read-add-write, a query is in one tile per round) and the support terms of dk and dv
+    (atomic adds: a key can sit in several tiles and serves every head of its group).
+Everything is recomputed from q, k, v, W and the saved (den, r); nothing of size N x m is stored.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .scatterbrain_common import NEG, feature_logits, load_key_chunk, load_query_tile, support_mask
+from .scatterbrain_fwd import _pow2, precisions
+
+
+@triton.jit
+def query_state_kernel(
+    Q, GRAD, DELTA, STAB, W, G, QG_PART, QD_PART,
+    stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_sb, stride_sh,
+    stride_wm, H, GROUP, N, M, D, DV, rows_per_split, tau, sqrt_tau, inv_m,
+    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_split = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    state = (b * (H // GROUP) + h // GROUP).to(tl.int64)
+    f0 = pid_f * BLOCK_F
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    f_ok = offs_f < M
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    grad_base = GRAD + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    stat_base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    qg = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
+    qd = tl.zeros((BLOCK_F,), tl.float32)
+    start = pid_split * rows_per_split
+    for n0 in range(start, start + rows_per_split, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        q = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :],
+                    mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        grad = tl.load(grad_base + offs_n[:, None] * stride_gn + offs_dv[None, :],
+                       mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        delta = tl.load(DELTA + stat_base + offs_n, mask=n_ok, other=0.0)
+        row = tl.load(STAB + stat_base + offs_n, mask=n_ok, other=0.0)
+        qf = q.to(tl.float32)
+        lq = feature_logits(q, tl.sum(qf * qf, 1) * (0.5 * tau), W, f0, M, D, stride_wm, sqrt_tau,
+                            BLOCK_F, BLOCK_D, PREC)
+        p = tl.where(n_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
+        qg += tl.dot(tl.trans(p).to(q.dtype), grad.to(q.dtype), input_precision=PREC)
+        qd += tl.sum(p * delta[:, None], 0)
+    part = (pid_bh * tl.num_programs(0) + pid_split).to(tl.int64)
+    tl.store(QD_PART + part * M + offs_f, qd, mask=f_ok)
+    tl.store(QG_PART + part * M * DV + offs_f[:, None] * DV + offs_dv[None, :], qg,
+             mask=f_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def key_lowrank_bwd_kernel(
+    K, V, W, G, QG, QD, KEY_VALID, DK, DV_OUT,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_db, stride_dh, stride_dn, stride_eb, stride_eh, stride_en,
+    stride_wm, stride_valid_b, Hkv, S, M, D, DV, tau, sqrt_tau,
+    HAS_VALID: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    state = pid_bh.to(tl.int64)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = offs_s < S
+    if HAS_VALID:
+        ok = ok & (tl.load(KEY_VALID + b * stride_valid_b + offs_s, mask=ok, other=0) != 0)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_s[:, None] * stride_kn
+                + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_s[:, None] * stride_vn
+                + offs_dv[None, :], mask=ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    kf = k.to(tl.float32)
+    k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
+    dk = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_S, BLOCK_DV), tl.float32)
+    u_sum = tl.zeros((BLOCK_S,), tl.float32)
+    for f0 in range(0, M, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = offs_f < M
+        g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+        lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+        kt = tl.where(ok[:, None], tl.exp(lk - g[None, :]), 0.0)
+        qg = tl.load(QG + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                     mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        qd = tl.load(QD + state * M + offs_f, mask=f_ok, other=0.0)
+        dv += tl.dot(kt, qg, input_precision=FP32_PREC)
+        u = kt * (tl.dot(v.to(tl.float32), tl.trans(qg), input_precision=FP32_PREC) - qd[None, :])
+        w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
+                    mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        dk += tl.dot(u.to(w.dtype), w, input_precision=PREC)
+        u_sum += tl.sum(u, 1)
+    dk = dk * sqrt_tau - kf * (u_sum * tau)[:, None]
+    tl.store(DK + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_s[:, None] * stride_dn
+             + offs_d[None, :], dk, mask=(offs_s[:, None] < S) & (offs_d[None, :] < D))
+    tl.store(DV_OUT + b.to(tl.int64) * stride_eb + h.to(tl.int64) * stride_eh + offs_s[:, None] * stride_en
+             + offs_dv[None, :], dv, mask=(offs_s[:, None] < S) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def sparse_lowrank_bwd_kernel(
+    Q, K, V, W, KV, Z, G, GRAD, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, Q_BUCKET, K_BUCKET,
+    DQ, DK, DV_OUT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_sb, stride_sh,
+    stride_wm,
+    stride_qib, stride_qih, stride_qit,
+    stride_kib, stride_kih, stride_kit,
+    stride_qbb, stride_qbh, stride_qbr,
+    stride_kbb, stride_kbh, stride_kbr,
+    stride_valid_b,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, GROUP, N, S, M, D, DV, TQ, TK, ROUND, BAND, tau, sqrt_tau, inv_m,
+    HAS_FEATURES: tl.constexpr, ADD_LOW_RANK: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_BAND: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // GROUP
+    b64 = b.to(tl.int64)
+    state = (b * (H // GROUP) + hkv).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit, TQ, N,
+                                  Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, D,
+                                  BLOCK_Q, BLOCK_D)
+    qf = q.to(tl.float32)
+    q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
+    stat = b64 * stride_sb + h.to(tl.int64) * stride_sh + qi
+    row = tl.load(STAB + stat, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
+    grad = tl.load(GRAD + b64 * stride_gb + h.to(tl.int64) * stride_gh + qi[:, None].to(tl.int64) * stride_gn
+                   + offs_dv[None, :], mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+
+    dq = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    uq_sum = tl.zeros((BLOCK_Q,), tl.float32)
+    if ADD_LOW_RANK:
+        for f0 in range(0, M, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = offs_f < M
+            g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+            lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+            p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
+            kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                         mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0)
+            u = p * (tl.dot(grad, tl.trans(kv), input_precision=FP32_PREC) - delta[:, None] * z[None, :])
+            w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
+                        mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            dq += tl.dot(u.to(w.dtype), w, input_precision=PREC) * sqrt_tau
+            uq_sum += tl.sum(u, 1)
+
+    grad_in = grad.to(q.dtype)
+    for k0 in range(0, TK, BLOCK_K):
+        kj, k_ok, k, v = load_key_chunk(
+            K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
+            KEY_VALID + b * stride_valid_b, k_base, v_base, stride_kn, stride_vn, D, DV,
+            HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
+        pair = support_mask(
+            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h * stride_qbh,
+            K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
+            HAS_BAND, DEDUP)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * tau
+        exact = tl.where(pair, tl.exp(s - row[:, None]), 0.0)
+        d_attn = tl.where(pair, tl.dot(grad_in, tl.trans(v), input_precision=PREC) - delta[:, None], 0.0)
+        ds = (exact * d_attn).to(q.dtype)
+        dq += tl.dot(ds, k, input_precision=PREC) * tau
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * tau
+        corr = exact
+        if HAS_FEATURES:
+            kf = k.to(tl.float32)
+            k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
+            low_rank = tl.zeros((BLOCK_Q, BLOCK_K), tl.float32)
+            dk_feat = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
+            uk_sum = tl.zeros((BLOCK_K,), tl.float32)
+            d_attn_in = d_attn.to(q.dtype)
+            for f0 in range(0, M, BLOCK_F):
+                offs_f = f0 + tl.arange(0, BLOCK_F)
+                f_ok = offs_f < M
+                g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+                lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+                lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+                p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0).to(q.dtype)
+                kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0).to(q.dtype)
+                w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
+                            mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                low_rank += tl.dot(p, tl.trans(kt), input_precision=PREC)
+                uq = -p.to(tl.float32) * tl.dot(d_attn_in, kt, input_precision=PREC)
+                uk = -kt.to(tl.float32) * tl.dot(tl.trans(d_attn_in), p, input_precision=PREC)
+                dq += tl.dot(uq.to(w.dtype), w, input_precision=PREC) * sqrt_tau
+                uq_sum += tl.sum(uq, 1)
+                dk_feat += tl.dot(uk.to(w.dtype), w, input_precision=PREC)
+                uk_sum += tl.sum(uk, 1)
+            corr = exact - tl.where(pair, low_rank, 0.0)
+            dk += dk_feat * sqrt_tau - kf * (uk_sum * tau)[:, None]
+        dv = tl.dot(tl.trans(corr.to(q.dtype)), grad_in, input_precision=PREC)
+        k_rows = kj[:, None].to(tl.int64)
+        tl.atomic_add(DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + k_rows * stride_dkn
+                      + offs_d[None, :], dk, mask=k_ok[:, None] & (offs_d[None, :] < D))
+        tl.atomic_add(DV_OUT + b64 * stride_dvb + hkv.to(tl.int64) * stride_dvh + k_rows * stride_dvn
+                      + offs_dv[None, :], dv, mask=k_ok[:, None] & (offs_dv[None, :] < DV))
+
+    dq = dq - qf * (uq_sum * tau)[:, None]
+    dq_ptr = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + qi[:, None].to(tl.int64) * stride_dqn \
+        + offs_d[None, :]
+    dq_mask = q_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(dq_ptr, tl.load(dq_ptr, mask=dq_mask, other=0.0) + dq, mask=dq_mask)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *, tau, key_valid,
+                            block_q=None, block_k=None, block_f=32, block_s=64, rows_per_split=1024):
+    """(dq, dk, dv) in the input dtypes for the forward `sparse_lowrank_forward` computed.
+
+    out, den, stab: the forward's outputs; state = (KV, z, g) of `key_state` or None.
+    """
+    from .scatterbrain_fwd import KernelTiles
+
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+    group = heads // kv_heads
+    device = q.device
+    has_features = w is not None
+    m = w.shape[0] if has_features else 0
+    prec, fp32_prec = precisions(q.dtype)
+    sqrt_tau, inv_m = math.sqrt(tau), 1.0 / max(m, 1)
+    has_rows = den > 0
+    grad = torch.where(has_rows.unsqueeze(-1), grad_out.float() / torch.where(has_rows, den, 1.0).unsqueeze(-1), 0.0)
+    delta = (grad * out.float()).sum(-1).contiguous()
+    grad = grad.contiguous()
+    dq = torch.zeros(batch, heads, n_q, dim, device=device, dtype=torch.float32)
+    dk = torch.zeros(batch, kv_heads, n_k, dim, device=device, dtype=torch.float32)
+    dv = torch.zeros(batch, kv_heads, n_k, v_dim, device=device, dtype=torch.float32)
+    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dq
+    valid_stride = valid.stride(0) if key_valid is not None else 0
+
+    if has_features:
+        kv, z, g = state
+        rows_per_split = max(block_s, min(rows_per_split, triton.next_power_of_2(n_q)))
+        rows_per_split = math.ceil(rows_per_split / block_s) * block_s
+        n_splits = math.ceil(n_q / rows_per_split)
+        qg_part = torch.empty(batch * heads, n_splits, m, v_dim, device=device, dtype=torch.float32)
+        qd_part = torch.empty(batch * heads, n_splits, m, device=device, dtype=torch.float32)
+        query_state_kernel[(n_splits, triton.cdiv(m, block_f), batch * heads)](
+            q, grad, delta, stab, w, g, qg_part, qd_part,
+            q.stride(0), q.stride(1), q.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
+            stab.stride(0), stab.stride(1), w.stride(0), heads, group, n_q, m, dim, v_dim,
+            rows_per_split, tau, sqrt_tau, inv_m,
+            PREC=prec, BLOCK_N=block_s, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+        )
+        qg = qg_part.sum(1).reshape(batch, kv_heads, group, m, v_dim).sum(2).reshape(-1, m, v_dim).contiguous()
+        qd = qd_part.sum(1).reshape(batch, kv_heads, group, m).sum(2).reshape(-1, m).contiguous()
+        key_lowrank_bwd_kernel[(triton.cdiv(n_k, block_s), batch * kv_heads)](
+            k, v, w, g, qg, qd, valid, dk, dv,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            w.stride(0), valid_stride, kv_heads, n_k, m, dim, v_dim, tau, sqrt_tau,
+            HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
+            BLOCK_S=block_s, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+        )
+    else:
+        kv = z = g = dq  # unused pointers
+    w_arg = w if has_features else dq
+
+    tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
+    block_q = block_q or _pow2(tiles.tq)
+    block_k = block_k or min(_pow2(tiles.tk), 64)
+    for r in range(tiles.n_rounds):
+        qi, kj = tiles.q_index[:, :, r], tiles.k_index[:, :, r]
+        sparse_lowrank_bwd_kernel[(tiles.n_tiles, batch * heads)](
+            q, k, v, w_arg, kv, z, g, grad, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
+            dq, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            grad.stride(0), grad.stride(1), grad.stride(2),
+            stab.stride(0), stab.stride(1),
+            w_arg.stride(0),
+            qi.stride(0), qi.stride(1), qi.stride(2),
+            kj.stride(0), kj.stride(1), kj.stride(2),
+            tiles.q_bucket.stride(0), tiles.q_bucket.stride(1), tiles.q_bucket.stride(2),
+            tiles.k_bucket.stride(0), tiles.k_bucket.stride(1), tiles.k_bucket.stride(2),
+            valid_stride,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            heads, group, n_q, n_k, m, dim, v_dim, tiles.tq, tiles.tk, r, tiles.band, tau, sqrt_tau, inv_m,
+            HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
+            HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
+            PREC=prec, FP32_PREC=fp32_prec,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+        )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
