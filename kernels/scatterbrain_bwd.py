@@ -202,7 +202,7 @@ def sparse_lowrank_bwd_kernel(
             qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h * stride_qbh,
             K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
             HAS_BAND, DEDUP)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * tau
+        s = tl.where(pair, tl.dot(q, tl.trans(k), input_precision=PREC) * tau, NEG)
         exact = tl.where(pair, tl.exp(s - row[:, None]), 0.0)
         d_attn = tl.where(pair, tl.dot(grad_in, tl.trans(v), input_precision=PREC) - delta[:, None], 0.0)
         ds = (exact * d_attn).to(q.dtype)

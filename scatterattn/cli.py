@@ -380,7 +380,7 @@ def _format_time(seconds: float) -> str:
 
 def format_table(results: list[Result]) -> str:
     dense_time = results[0].seconds
-    header = ("method", "settings", "rel. error", "time (ms)", "vs dense", "peak mem (MiB)")
+    header = ("method", "settings", "rel. error", "time (ms)", "speedup vs dense", "peak mem (MiB)")
     rows = [
         (
             res.method.name,
@@ -469,7 +469,7 @@ def _run(args, device, dtype, progress) -> int:
           f"(seed {args.seed}); error vs dense attention in float32")
     print(format_table(results))
     print(_device_line(device, args.dtype))
-    print(f"scatterbrain backend: auto -> {backend}"
+    print(f"scatterattn backend: auto -> {backend}"
           f"{' (pure PyTorch)' if backend == 'reference' else ''} | time: median of {args.repeats} "
           f"after 1 warm-up | peak mem: {meter.label}")
     return 0

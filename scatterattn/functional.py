@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import reference, triton_backend
 from .config import ScatterbrainConfig
 from .features import draw_feature_matrix, draw_hash_projections, effective_feature_matrix, make_generator
 from .sparsity import SparsePlan, local_plan, lsh_plan
@@ -179,19 +179,31 @@ def _check_param(name: str, tensor, shape: tuple[int, ...]) -> None:
 
 
 def resolve_backend(backend: str, query: torch.Tensor, is_causal: bool) -> str:
-    """'auto' picks the reference for now; see kernels/ for the Triton path."""
+    """'reference' or 'triton'. 'auto' takes the kernels for CUDA inputs they support (non-causal,
+    fp16/bf16/fp32) and the reference otherwise; 'triton' raises when the kernels cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    reason = triton_backend.unsupported_reason(query, is_causal)
     if backend == "triton":
-        raise ValueError(
-            "backend='triton' is not available yet: the fused kernels are tracked in the Triton "
-            "kernels issue; use backend='auto' or 'reference'"
-        )
-    return "reference"
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
+        return "triton"
+    return "triton" if query.device.type == "cuda" and reason is None else "reference"
 
 
 def run_prepared(query, key, value, prepared: PreparedAttention, backend: str = "auto") -> torch.Tensor:
-    resolve_backend(backend, query, prepared.is_causal)
+    if resolve_backend(backend, query, prepared.is_causal) == "triton":
+        return triton_backend.scatterbrain_triton(
+            query,
+            key,
+            value,
+            scale=prepared.scale,
+            feature_matrix=prepared.feature_matrix,
+            plan=prepared.plan,
+            key_valid=prepared.key_valid,
+        )
     return reference.scatterbrain_reference(
         query,
         key,
