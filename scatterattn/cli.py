@@ -74,8 +74,8 @@ columns:
                 in float32 (for --dtype float32 that is the dense row itself, hence 0)
   time          median wall time of --repeats calls after one warm-up call (synchronised
                 on CUDA)
-  peak mem      CUDA: torch.cuda.max_memory_allocated during the warm-up call minus what was
-                allocated before it. CPU: peak resident set size (RSS) during the warm-up
+  peak mem      CUDA: torch.cuda.max_memory_allocated during one call (after an untimed
+                first call) minus what was allocated before it. CPU: peak resident set size (RSS) during the warm-up
                 call minus RSS before it, sampled every millisecond from /proc/self/statm
                 (approximate: memory the allocator reuses without growing RSS is not seen);
                 without /proc, the growth of the process's RSS high-water mark.
@@ -168,7 +168,7 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def make_inputs(batch, heads, seq_len, head_dim, *, seed, dtype, device):
-    """(q, k, v), each (batch, heads, seq_len, head_dim): see the 'input' section of --help."""
+    """(q, k, v), each (batch, heads, seq_len, head_dim): see 'demo input' in --help."""
     gen = make_generator(seed)
     shape = (batch, heads, seq_len, head_dim)
     topic = torch.randint(NUM_TOPICS, (batch, heads, seq_len), generator=gen)
@@ -300,7 +300,15 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure(fn, device, repeats, meter):
-    """(output of the warm-up call, median seconds of `repeats` calls, peak bytes of the warm-up)."""
+    """(output of the measured call, median seconds of `repeats` calls, peak bytes of that call).
+
+    On the CPU the warm-up call is the one measured for memory (a second call would reuse heap
+    pages the first one left behind and show less RSS growth); on CUDA a first untimed call does
+    the one-time work (library workspaces, kernel selection) and the second is measured.
+    """
+    if device.type == "cuda":
+        fn()
+        _sync(device)
     with meter:
         out = fn()
         _sync(device)

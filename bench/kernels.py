@@ -1,0 +1,245 @@
+"""Kernel microbenchmark: Scatterbrain Triton kernels against the PyTorch reference, dense SDPA
+(its default backend: cuDNN on an H200) and FlexAttention with a sliding window of the bucket's width.
+
+    python bench/kernels.py                      # N = 1k, 4k, 16k, 64k; B 1, H 16, D 64, bf16
+    python bench/kernels.py --seq-lens 1024 4096 --out bench/results
+
+Times are medians of triton.testing.do_bench (ms); peak memory is torch.cuda.max_memory_allocated
+over one call, inputs included (MiB). Writes a markdown table, a JSON file and a PNG plot under
+--out, and prints the table last, with the issue's targets checked against SDPA. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+METHODS = ("sdpa", "flex-window", "sb-lsh", "sb-local", "sb-lsh-reference")
+
+
+def build_methods(args, device):
+    import scatterattn as sa
+
+    dim = args.head_dim
+    common = dict(num_features=args.features, bucket_size=args.bucket, window=args.bucket, seed=0)
+    sb_lsh = sa.ScatterbrainAttention(dim, sparse="lsh", backend="triton", **common).to(device)
+    sb_local = sa.ScatterbrainAttention(dim, sparse="local", backend="triton", **common).to(device)
+    sb_ref = sa.ScatterbrainAttention(dim, sparse="lsh", backend="reference", **common).to(device)
+    methods = {
+        "sdpa": torch.nn.functional.scaled_dot_product_attention,
+        "sb-lsh": sb_lsh,
+        "sb-local": sb_local,
+        "sb-lsh-reference": sb_ref,
+    }
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        compiled = torch.compile(flex_attention)
+        half = args.bucket // 2
+        masks = {}
+
+        def window(b, h, q_idx, kv_idx):
+            return (q_idx - kv_idx <= half) & (kv_idx - q_idx <= half)
+
+        def flex(q, k, v):
+            n = q.shape[2]
+            if n not in masks:
+                masks[n] = create_block_mask(window, None, None, n, n, device=q.device)
+            return compiled(q, k, v, block_mask=masks[n])
+
+        methods["flex-window"] = flex
+    except Exception as exc:  # FlexAttention is optional: report it, do not hide other results
+        print(f"flex-window unavailable: {exc!r}", file=sys.stderr)
+    return methods
+
+
+def measure(fn, q, k, v, backward: bool):
+    import triton.testing
+
+    grad = torch.randn_like(q) if backward else None
+
+    def step():
+        out = fn(q, k, v)
+        if backward:
+            out.backward(grad)
+        return out
+
+    step()  # compile / warm up
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    ms = triton.testing.do_bench(step, grad_to_none=[q, k, v] if backward else None, return_mode="median")
+    return ms, peak
+
+
+def run(args):
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    methods = build_methods(args, device)
+    rows = []
+    for n in args.seq_lens:
+        for name in METHODS:
+            if name not in methods:
+                continue
+            if name == "sb-lsh-reference" and n > args.reference_max_len:
+                continue
+            for backward in (False, True):
+                gen = torch.Generator(device=device).manual_seed(n)
+                shape = (args.batch, args.heads, n, args.head_dim)
+                q, k, v = (
+                    torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_(backward)
+                    for _ in range(3)
+                )
+                label = f"N={n:>6} {name:<17} {'fwd+bwd' if backward else 'fwd':<7}"
+                try:
+                    ms, peak = measure(methods[name], q, k, v, backward)
+                    print(f"{label} {ms:9.3f} ms {peak:9.0f} MiB", file=sys.stderr, flush=True)
+                    rows.append(dict(n=n, method=name, mode="fwd+bwd" if backward else "fwd", ms=ms, peak_mib=peak))
+                except Exception as exc:
+                    print(f"{label} failed: {exc!r}", file=sys.stderr, flush=True)
+                    rows.append(dict(n=n, method=name, mode="fwd+bwd" if backward else "fwd", error=repr(exc)))
+                del q, k, v
+                torch.cuda.empty_cache()
+    return rows
+
+
+def lookup(rows, n, method, mode):
+    for r in rows:
+        if r["n"] == n and r["method"] == method and r["mode"] == mode and "ms" in r:
+            return r
+    return None
+
+
+def table(rows, seq_lens):
+    lines = ["| N | method | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | fwd speed-up vs SDPA | fwd+bwd speed-up vs SDPA |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in seq_lens:
+        sdpa_f, sdpa_b = lookup(rows, n, "sdpa", "fwd"), lookup(rows, n, "sdpa", "fwd+bwd")
+        for name in METHODS:
+            f, b = lookup(rows, n, name, "fwd"), lookup(rows, n, name, "fwd+bwd")
+            if f is None and b is None:
+                continue
+
+            def cell(r, key, fmt):
+                return fmt.format(r[key]) if r else "-"
+
+            def ratio(base, r):
+                return f"{base['ms'] / r['ms']:.2f}x" if base and r else "-"
+
+            lines.append(
+                f"| {n:,} | {name} | {cell(f, 'ms', '{:.3f}')} | {cell(b, 'ms', '{:.3f}')} | "
+                f"{cell(f, 'peak_mib', '{:.0f}')} | {cell(b, 'peak_mib', '{:.0f}')} | "
+                f"{ratio(sdpa_f, f)} | {ratio(sdpa_b, b)} |"
+            )
+    return "\n".join(lines)
+
+
+def targets(rows):
+    """The issue's targets, each as (description, measured, met)."""
+    out = []
+
+    def speedup(n, method, mode):
+        base, r = lookup(rows, n, "sdpa", mode), lookup(rows, n, method, mode)
+        return base["ms"] / r["ms"] if base and r else None
+
+    for n, mode, want in ((65536, "fwd", 15), (65536, "fwd+bwd", 8), (16384, "fwd", 3)):
+        got = speedup(n, "sb-lsh", mode)
+        if got is not None:
+            out.append((f"N={n} {mode}: SB-LSH >= {want}x faster than SDPA", f"{got:.2f}x", got >= want))
+    for n in (4096, 16384, 65536):
+        for mode in ("fwd", "fwd+bwd"):
+            got = speedup(n, "sb-lsh", mode)
+            if got is not None:
+                out.append((f"N={n} {mode}: SB-LSH faster than SDPA", f"{got:.2f}x", got > 1))
+    for n in sorted({r["n"] for r in rows}):
+        for mode in ("fwd", "fwd+bwd"):
+            base, r = lookup(rows, n, "sdpa", mode), lookup(rows, n, "sb-lsh", mode)
+            if base and r:
+                out.append((f"N={n} {mode}: SB-LSH peak memory <= SDPA's",
+                            f"{r['peak_mib']:.0f} vs {base['peak_mib']:.0f} MiB", r["peak_mib"] <= base["peak_mib"]))
+            ref = lookup(rows, n, "sb-lsh-reference", mode)
+            if ref and r:
+                got = ref["ms"] / r["ms"]
+                out.append((f"N={n} {mode}: SB-LSH >= 10x faster than the reference", f"{got:.1f}x", got >= 10))
+            flex, local = lookup(rows, n, "flex-window", mode), lookup(rows, n, "sb-local", mode)
+            if flex and local:
+                got = local["ms"] / flex["ms"]
+                out.append((f"N={n} {mode}: SB-Local within 2x of FlexAttention window", f"{got:.2f}x slower", got <= 2))
+    return out
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for name in METHODS:
+            pts = sorted((r["n"], r["ms"]) for r in rows if r["method"] == name and r["mode"] == mode and "ms" in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("time (ms, median)")
+        ax.set_title(mode)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--bucket", type=int, default=128)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--reference-max-len", type=int, default=65536)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    import triton
+
+    rows = run(args)
+    stamp = datetime.date.today().isoformat()
+    device_name = torch.cuda.get_device_name()
+    header = (f"{stamp}, {device_name}, torch {torch.__version__}, triton {triton.__version__}; "
+              f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}, m={args.features}, "
+              f"bucket/window={args.bucket}; medians of triton.testing.do_bench")
+    checks = targets(rows)
+    text = f"# Kernel benchmark\n\n{header}\n\n{table(rows, args.seq_lens)}\n\n## Targets\n\n" + "\n".join(
+        f"- [{'x' if met else ' '}] {desc}: {got}" for desc, got, met in checks
+    ) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    slug = device_name.replace(" ", "-").replace("/", "-")
+    base = os.path.join(args.out, f"kernels-{stamp}-{slug}")
+    with open(base + ".md", "w") as fh:
+        fh.write(text)
+    with open(base + ".json", "w") as fh:
+        json.dump(dict(header=header, rows=rows), fh, indent=1)
+    plot(rows, base + ".png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

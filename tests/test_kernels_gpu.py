@@ -1,0 +1,71 @@
+"""GPU-only kernel checks: bf16 (the interpreter's bf16 dot is wrong, so bf16 is tested here),
+long sequences, large norms and memory. Run on the device machine by bench/gpu_check.sh.
+
+Tolerances (relative Frobenius error against the float64 reference on the same rounded inputs and
+feature matrix): bf16 4e-2 for outputs and gradients (dots in bf16 with fp32 accumulation)."""
+
+import pytest
+import torch
+
+import scatterattn as sa
+from scatterattn.features import draw_feature_matrix, draw_hash_projections
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (kernels compiled for sm_80+)"),
+]
+
+from test_kernels import SETTINGS, rel, run_both  # noqa: E402  (same helpers as the interpreter tests)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_bf16_matches_reference(name):
+    got, want = run_both(torch.bfloat16, 2, 4, 2, 300, 257, 64, SETTINGS[name], padded=True)
+    for label, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), label
+        assert rel(a, b) < 4e-2, (label, rel(a, b))
+
+
+@pytest.mark.parametrize("dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_head_dims_half(dim, dtype):
+    got, want = run_both(dtype, 1, 4, 4, 1000, 1000, dim, dict(sparse="lsh", bucket_size=128, num_features=64))
+    for label, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel(a, b) < 4e-2, (label, dim, rel(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sparse", ["lsh", "local"])
+def test_64k_tokens_large_norms_finite(dtype, sparse):
+    """No inf or NaN at 65,536 tokens with query/key norms of 25, forward and backward."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, 4, 65536, 64)
+    q, k, v = (torch.randn(shape, device="cuda", generator=gen) for _ in range(3))
+    q, k = (x / x.norm(dim=-1, keepdim=True) * 25 for x in (q, k))
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    w = draw_feature_matrix(256, 64, generator=torch.Generator().manual_seed(1)).to(dtype).float()
+    proj = draw_hash_projections(1, 64, generator=torch.Generator().manual_seed(2))
+    kw = dict(sparse=sparse, feature_matrix=w, hash_projections=proj)
+    out = sa.scatterbrain_attention(q, k, v, backend="triton", **kw)
+    out.float().square().mean().backward()
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+    # against the reference on the same inputs (fp32 compute), on the first 2 heads
+    ref = sa.scatterbrain_attention(
+        q.detach()[:, :2].float(), k.detach()[:, :2].float(), v.detach()[:, :2].float(),
+        backend="reference", **kw
+    )
+    assert rel(out.detach()[:, :2].float(), ref) < 5e-2
+
+
+def test_memory_is_linear():
+    """Forward + backward peak at 64k tokens stays far below one N x N score matrix per head."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    shape = (1, 16, 65536, 64)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    base = torch.cuda.memory_allocated()
+    out = sa.scatterbrain_attention(q, k, v, seed=0, backend="triton")
+    out.sum().backward()
+    extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    assert extra_mib < 2048, extra_mib  # one bf16 64k x 64k matrix alone is 8192 MiB
