@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import NEG, feature_logits, load_key_chunk, load_query_tile, support_mask
-from .scatterbrain_fwd import _pow2, precisions
+from .scatterbrain_fwd import KernelTiles, _pow2, precisions, warps_for
 
 
 @triton.jit
@@ -258,8 +258,6 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
 
     out, den, stab: the forward's outputs; state = (KV, z, g) of `key_state` or None.
     """
-    from .scatterbrain_fwd import KernelTiles
-
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k, v_dim = k.shape[1], k.shape[2], v.shape[-1]
     group = heads // kv_heads
@@ -333,5 +331,6 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
             PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+            num_warps=warps_for(block_q, 2 * block_k),
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

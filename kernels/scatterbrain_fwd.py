@@ -205,6 +205,11 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
 
 
+def warps_for(block_q: int, block_k: int) -> int:
+    """A first heuristic (untuned): 8 warps for 128 x 128 tiles and up, 4 below."""
+    return 8 if block_q * block_k >= 128 * 128 else 4
+
+
 def precisions(dtype: torch.dtype) -> tuple[str, str]:
     """(PREC, FP32_PREC): IEEE fp32 dots for fp32 inputs, tf32 for the fp32 state otherwise."""
     return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
@@ -363,7 +368,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
             WRITE_OUT=write_out, PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f,
-            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim), num_warps=warps_for(block_q, block_k),
         )
     if write_out:
         return out, den, stab
