@@ -62,9 +62,9 @@ demo input:
 methods:
   dense         torch.nn.functional.scaled_dot_product_attention (the fast dense path:
                 fused kernels on CUDA, torch's CPU kernel on the CPU)
-  scatterbrain  scatterattn.scatterbrain_attention(backend="auto"). On the CPU that is the
-                pure-PyTorch reference; today "auto" resolves to that reference on CUDA
-                too (the Triton kernels are not wired in yet); the last line says which
+  scatterbrain  scatterattn.scatterbrain_attention(backend="auto"): on the CPU always the
+                pure-PyTorch reference; on CUDA the Triton kernels when they take the
+                inputs (not --causal), else the reference. The last line says which ran
   performer     the same random features alone (sparse="none")
   lsh / local   the same sparse support alone (num_features=0); lsh uses the same hash
                 projections as scatterbrain, so the rows differ only in what they drop
@@ -412,6 +412,20 @@ def format_table(results: list[Result]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
+def describe_backend(query: torch.Tensor, is_causal: bool) -> str:
+    """What backend='auto' runs for these inputs, and on CUDA why not the kernels."""
+    backend = resolve_backend("auto", query, is_causal)
+    if backend != "reference":
+        return backend
+    if query.device.type != "cuda":
+        return "reference (pure PyTorch)"
+    try:
+        resolve_backend("triton", query, is_causal)
+    except ValueError as exc:  # says why the kernels cannot take these inputs
+        return f"reference (pure PyTorch; {exc})"
+    return "reference (pure PyTorch)"
+
+
 def _device_line(device: torch.device, dtype: str) -> str:
     if device.type == "cuda":
         where = f"cuda ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
@@ -443,8 +457,6 @@ def main(argv=None) -> int:
 
 def _run(args, device, dtype, progress) -> int:
     shape = f"B={args.batch} H={args.heads} N={args.seq_len} D={args.head_dim}"
-    probe = torch.empty(0, device=device, dtype=dtype)
-    backend = resolve_backend("auto", probe, args.causal)
     total = 1 + count_methods(args)
     start = time.perf_counter()
     progress(f"[1/{total}] inputs ({shape}, {args.dtype}, {device.type}, seed {args.seed})...", end=" ")
@@ -452,6 +464,7 @@ def _run(args, device, dtype, progress) -> int:
                           seed=args.seed, dtype=dtype, device=device)
     methods = build_methods(args, q, k, v)
     assert len(methods) == total - 1
+    backend = describe_backend(q, args.causal)
     progress(f"{time.perf_counter() - start:.1f} s")
 
     meter = _memory_meter(device)
@@ -477,7 +490,6 @@ def _run(args, device, dtype, progress) -> int:
           f"(seed {args.seed}); error vs dense attention in float32")
     print(format_table(results))
     print(_device_line(device, args.dtype))
-    print(f"scatterattn backend: auto -> {backend}"
-          f"{' (pure PyTorch)' if backend == 'reference' else ''} | time: median of {args.repeats} "
+    print(f"scatterattn backend: auto -> {backend} | time: median of {args.repeats} "
           f"after 1 warm-up | peak mem: {meter.label}")
     return 0

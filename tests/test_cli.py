@@ -65,6 +65,8 @@ def test_table_rows_and_errors(capsys, extra, methods):
         assert math.isfinite(mem) and mem >= 0
     assert "device: cpu" in out or "device: cuda" in out
     assert f"torch {torch.__version__}" in out
+    if not torch.cuda.is_available():
+        assert "auto -> reference (pure PyTorch)" in out  # the CPU path is the reference
     # progress: one numbered line per step on stderr, nothing of it on stdout
     total = len(methods) + 1
     for step in range(1, total + 1):

@@ -283,10 +283,16 @@ def test_bad_backend(fn):
 
 
 @pytest.mark.parametrize("fn", APPROX)
-def test_triton_backend_not_available_yet(fn):
+def test_triton_backend_refuses_inputs_it_cannot_run(fn, monkeypatch):
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"backend='triton' is not available"):
-        FUNCS[fn](q, k, v, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: .*float64"):
+        FUNCS[fn](q.double(), k.double(), v.double(), backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: causal"):
+        FUNCS[fn](q, k, v, backend="triton", is_causal=True)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: .*CUDA"):
+            FUNCS[fn](q, k, v, backend="triton")
 
 
 @pytest.mark.parametrize("fn", ["scatterbrain", "performer"])
