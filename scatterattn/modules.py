@@ -88,6 +88,13 @@ class ScatterbrainAttention(nn.Module):
         self.feature_matrix.copy_(features.to(self.feature_matrix.device))
         self.hash_projections.copy_(projections.to(self.hash_projections.device))
 
+    def _advance_schedule(self) -> None:
+        """Count a training-mode forward and redraw before every redraw_interval-th one."""
+        if self.training and self.redraw_interval:
+            if int(self.steps) > 0 and int(self.steps) % self.redraw_interval == 0:
+                self.redraw()
+            self.steps += 1
+
     def forward(
         self,
         query: torch.Tensor,
@@ -103,10 +110,7 @@ class ScatterbrainAttention(nn.Module):
             raise ValueError(
                 f"query head_dim {query.shape[-1]} does not match this module's head_dim {self.head_dim}"
             )
-        if self.training and self.redraw_interval:
-            if int(self.steps) > 0 and int(self.steps) % self.redraw_interval == 0:
-                self.redraw()
-            self.steps += 1
+        self._advance_schedule()
         prepared = prepare(
             query,
             key,

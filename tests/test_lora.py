@@ -1,0 +1,238 @@
+"""Chained low-rank attention gradients (exact forward, approximate backward) and LoRA.
+
+Tolerances: float64 identities 1e-10; statistical statements are averaged over seeds."""
+
+import pytest
+import torch
+
+import scatterattn as sa
+from scatterattn import lora
+
+F64 = torch.float64
+
+
+def qkv(batch=2, heads=4, kv_heads=2, n=70, s=None, dim=8, v_dim=None, gamma=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s = s or n
+    q = torch.randn(batch, heads, n, dim, generator=gen, dtype=F64) * gamma
+    k = torch.randn(batch, kv_heads, s, dim, generator=gen, dtype=F64) * gamma
+    v = torch.randn(batch, kv_heads, s, v_dim or dim, generator=gen, dtype=F64)
+    do = torch.randn(batch, heads, n, v_dim or dim, generator=gen, dtype=F64)
+    return q, k, v, do
+
+
+def grads(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+MASKS = [
+    pytest.param(False, False, id="plain"),
+    pytest.param(True, False, id="causal"),
+    pytest.param(False, True, id="padding"),
+    pytest.param(True, True, id="causal+padding"),
+]
+
+
+@pytest.mark.parametrize("is_causal,padded", MASKS)
+def test_exact_factors_reproduce_autograd(is_causal, padded):
+    """With U1 = P, V1 = I the chain is the exact backward (GQA, Dv != D, N not a chunk multiple)."""
+    q, k, v, do = qkv(n=150, v_dim=5)
+    kpm = None
+    if padded:
+        kpm = torch.zeros(2, 150, dtype=torch.bool)
+        kpm[0, -20:] = True
+    exact = grads(lambda q, k, v: sa.dense_attention(q, k, v, is_causal=is_causal, key_padding_mask=kpm), q, k, v, do)
+    chain = grads(
+        lambda q, k, v: lora.chained_lowrank_attention(
+            q, k, v, is_causal=is_causal, key_padding_mask=kpm, factors="exact", threshold=None, seed=0
+        ),
+        q, k, v, do,
+    )
+    for a, b in zip(chain, exact):
+        assert (a - b).abs().max() < 1e-10
+
+
+def lora_attention_grads(adapt, attention):
+    """Gradients of every LoRA factor through `attention`, X -> Q, K, V with adapters, float64."""
+    gen = torch.Generator().manual_seed(3)
+    d_model, heads, dim, rank, alpha, n = 16, 2, 8, 4, 8.0, 40
+    x = torch.randn(2, n, d_model, generator=gen, dtype=F64)
+    base = {p: torch.randn(d_model, heads * dim, generator=gen, dtype=F64) / 4 for p in "qkv"}
+    factors = {
+        p: (torch.randn(d_model, rank, generator=gen, dtype=F64) / 4, torch.randn(rank, heads * dim, generator=gen, dtype=F64) / 4)
+        for p in adapt
+    }
+    leaves = [t.requires_grad_() for pair in factors.values() for t in pair]
+    proj = {}
+    for p in "qkv":
+        w = base[p]
+        if p in factors:
+            a, b = factors[p]
+            w = w + (alpha / rank) * a @ b
+        proj[p] = (x @ w).reshape(2, n, heads, dim).transpose(1, 2)
+    target = torch.randn(2, heads, n, dim, generator=gen, dtype=F64)
+    loss = ((attention(proj["q"], proj["k"], proj["v"]) - target) ** 2).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("adapt", ["qv", "qkv"], ids=["partial", "full"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_every_lora_gradient_matches_autograd_with_exact_factors(adapt, is_causal):
+    exact = lora_attention_grads(adapt, lambda q, k, v: sa.dense_attention(q, k, v, is_causal=is_causal))
+    chain = lora_attention_grads(
+        adapt,
+        lambda q, k, v: lora.chained_lowrank_attention(q, k, v, is_causal=is_causal, factors="exact", threshold=None),
+    )
+    assert len(exact) == 2 * len(adapt)
+    for a, b in zip(chain, exact):
+        assert (a - b).abs().max() < 1e-10
+        assert b.abs().max() > 1e-3  # a real gradient, not zeros
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gradient_error_falls_as_features_grow(is_causal):
+    q, k, v, do = qkv(batch=1, heads=2, kv_heads=2, n=128, dim=16, gamma=0.3)
+    assert float(lora.logit_bound(q, k, 0.25).max()) < lora.DEFAULT_THRESHOLD
+    exact = grads(lambda q, k, v: sa.dense_attention(q, k, v, is_causal=is_causal), q, k, v, do)
+    errors, cosines = [], []
+    for m in (8, 64, 512):
+        err, cos = 0.0, 0.0
+        for seed in range(4):
+            approx = grads(
+                lambda q, k, v: lora.chained_lowrank_attention(q, k, v, num_features=m, seed=seed, is_causal=is_causal),
+                q, k, v, do,
+            )
+            assert torch.equal(approx[0], exact[0])  # the forward is exact
+            err += sum(rel(a, b) for a, b in zip(approx[1:], exact[1:])) / 12
+            cos += sum(float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+                       for a, b in zip(approx[1:], exact[1:])) / 12
+        errors.append(err)
+        cosines.append(cos)
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < errors[0] / 3, errors
+    assert errors[2] < 0.1 and cosines[2] > 0.99, (errors, cosines)
+
+
+def test_fallback_triggers_above_threshold_only():
+    q, k, v, do = qkv(batch=2, heads=4, kv_heads=2, n=64, dim=8, gamma=0.3)
+    q = q.clone()
+    q[1, 2:] *= 20  # batch 1, kv head 1 (query heads 2, 3): large logits
+    bounds = lora.logit_bound(q, k, 8**-0.5)
+    assert bounds[1, 1] > 3.0 and (bounds.flatten()[:3] < 3.0).all()
+    stats = lora.ChainedGradientStats()
+    approx = grads(lambda q, k, v: lora.chained_lowrank_attention(q, k, v, threshold=3.0, stats=stats, seed=0), q, k, v, do)
+    exact = grads(lambda q, k, v: sa.dense_attention(q, k, v), q, k, v, do)
+    assert (stats.approximate, stats.fallback) == (3, 1)
+    assert stats.max_logit_bound == pytest.approx(float(bounds.max()))
+    # the fallback group is exact, the others are approximate (close but not equal)
+    assert (approx[1][1, 2:] - exact[1][1, 2:]).abs().max() < 1e-10
+    assert (approx[2][1, 1] - exact[2][1, 1]).abs().max() < 1e-10
+    assert (approx[3][1, 1] - exact[3][1, 1]).abs().max() < 1e-10
+    assert (approx[1][0] - exact[1][0]).abs().max() > 1e-6
+    # below every bound nothing falls back; threshold=None never falls back
+    stats.reset()
+    grads(lambda q, k, v: lora.chained_lowrank_attention(q, k, v, threshold=1e6, stats=stats, seed=0), q, k, v, do)
+    grads(lambda q, k, v: lora.chained_lowrank_attention(q, k, v, threshold=None, stats=stats, seed=0), q, k, v, do)
+    assert (stats.approximate, stats.fallback) == (8, 0)
+
+
+def test_rows_of_the_approximate_ds_sum_to_zero():
+    q, k, v, do = qkv(batch=1, heads=2, kv_heads=1, n=50, dim=8, gamma=0.5)
+    w = sa.features.draw_feature_matrix(32, 8, generator=torch.Generator().manual_seed(0)).double()
+    qg = q.reshape(1, 1, 2, 50, 8)
+    for is_causal in (False, True):
+        u1, v1 = lora.random_feature_factors(qg, k, w, 8**-0.5, is_causal=is_causal)
+        f = u1 @ v1.unsqueeze(2).transpose(-1, -2)
+        if is_causal:
+            f = f.tril()
+        assert (f.sum(-1) - 1).abs().max() < 1e-12  # the factorised matrix is row-stochastic
+        dog = do.reshape(1, 1, 2, 50, 8)
+        o_tilde = f @ v.unsqueeze(2)
+        ds = f * (dog @ v.unsqueeze(2).transpose(-1, -2)) - (dog * o_tilde).sum(-1, keepdim=True) * f
+        assert ds.sum(-1).abs().max() < 1e-12
+        # and the chain's dq equals tau * dS K computed densely
+        dq, _, _ = lora.chained_attention_backward(qg, k, v, dog, u1, v1, 8**-0.5, is_causal=is_causal)
+        assert (dq - 8**-0.5 * ds @ k.unsqueeze(2)).abs().max() < 1e-10
+
+
+def test_bad_configuration_raises():
+    q, k, v, _ = qkv(batch=1, heads=1, kv_heads=1, n=8)
+    with pytest.raises(ValueError, match="num_features must be an int >= 1"):
+        lora.chained_lowrank_attention(q, k, v, num_features=0)
+    with pytest.raises(ValueError, match="threshold must be a positive finite number"):
+        lora.chained_lowrank_attention(q, k, v, threshold=-1.0)
+    with pytest.raises(ValueError, match="threshold must be a positive finite number"):
+        lora.ChainedLowRankAttention(8, threshold=float("nan"))
+    with pytest.raises(ValueError, match="factors must be"):
+        lora.chained_lowrank_attention(q, k, v, factors="dense")
+    with pytest.raises(ValueError, match=r"feature_matrix must have shape \(16, 8\)"):
+        lora.chained_lowrank_attention(q, k, v, num_features=16, feature_matrix=torch.randn(16, 9))
+    with pytest.raises(ValueError, match="head_dim"):
+        lora.ChainedLowRankAttention(16)(q, k, v)
+    with pytest.raises(ValueError, match="mode must be 'partial' or 'full'"):
+        lora.attention_lora_targets(torch.nn.Linear(2, 2), mode="half")
+    with pytest.raises(ValueError, match="no separate query/key/value"):
+        lora.attention_lora_targets(torch.nn.Sequential(torch.nn.Linear(4, 12)))
+
+
+class TinyAttentionBlock(torch.nn.Module):
+    def __init__(self, d_model=32, heads=4, attention=None):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = torch.nn.Linear(d_model, d_model)
+        self.k_proj = torch.nn.Linear(d_model, d_model)
+        self.v_proj = torch.nn.Linear(d_model, d_model)
+        self.o_proj = torch.nn.Linear(d_model, d_model)
+        self.attention = attention
+
+    def forward(self, x):
+        b, n, d = x.shape
+        split = lambda t: t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        out = self.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def _train_lora(mode, attention, steps=40):
+    peft = pytest.importorskip("peft", reason="peft is in the test extra: pip install -e '.[test]'")
+    torch.manual_seed(0)
+    teacher = TinyAttentionBlock(attention=sa.dense_attention)
+    model = TinyAttentionBlock(attention=attention)
+    model.load_state_dict(teacher.state_dict(), strict=False)  # the student's attention has buffers
+    with torch.no_grad():  # the student differs from the teacher in the query and value projections
+        model.q_proj.weight.add_(0.3 * torch.randn_like(model.q_proj.weight))
+        model.v_proj.weight.add_(0.3 * torch.randn_like(model.v_proj.weight))
+    targets = lora.attention_lora_targets(model, mode)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="gaussian"))
+    x = 0.4 * torch.randn(16, 24, 32)  # small activations: logit bound below the default threshold
+    with torch.no_grad():
+        y = teacher(x)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, targets, losses
+
+
+@pytest.mark.parametrize("mode", ["partial", "full"])
+def test_peft_adapted_model_trains_through_the_chained_backward(mode):
+    attn = lora.ChainedLowRankAttention(8, num_features=64, seed=0)
+    model, targets, losses = _train_lora(mode, attn)
+    assert sorted(targets) == (["q_proj", "v_proj"] if mode == "partial" else ["k_proj", "q_proj", "v_proj"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # one record per (batch, head) and step; training may push a few groups over the threshold
+    assert attn.stats.approximate + attn.stats.fallback == 16 * 4 * 40
+    assert attn.stats.fallback_fraction < 0.1, attn.stats
+    _, _, exact_losses = _train_lora(mode, sa.dense_attention)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 1.5 * exact_losses[-1], (losses[-1], exact_losses[-1])
