@@ -139,7 +139,7 @@ def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=Fa
         return _chain_causal(q, k, v, grad_out, u1, v1, scale)
     o_tilde = u1 @ (v1.transpose(-1, -2) @ v).unsqueeze(2)
     rho = (grad_out * o_tilde).sum(-1, keepdim=True)
-    m1 = torch.einsum("bhsa,bhse,bhsd->bhaed", v1, v, k)  # (V1 (x) V)^T K: (m, Dv, D)
+    m1 = _kron_gram(v1, v, k)  # (V1 (x) V)^T K: (B, Hkv, m, Dv, D)
     v1k = (v1.transpose(-1, -2) @ k).unsqueeze(2)  # V1^T K: (m, D)
     dq = torch.cat(
         [
@@ -149,7 +149,7 @@ def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=Fa
         dim=-2,
     )
     dq = scale * (dq - rho * (u1 @ v1k))
-    m2 = torch.einsum("bhgna,bhgne,bhgnd->bhaed", u1, grad_out, q)  # (U1 (x) dO)^T Q, summed over G
+    m2 = _kron_gram(u1, grad_out, q).sum(2)  # (U1 (x) dO)^T Q, summed over the group
     dk = torch.cat(
         [_kron_rows(v1[..., r:r + ROW_BLOCK, :], v[..., r:r + ROW_BLOCK, :], m2) for r in range(0, v1.shape[-2], ROW_BLOCK)],
         dim=-2,
@@ -158,6 +158,17 @@ def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=Fa
     dk = scale * (dk - v1 @ u1_rho_q)
     dv = v1 @ torch.einsum("bhgna,bhgne->bhae", u1, grad_out)
     return dq, dk, dv
+
+
+def _kron_gram(a, b, c):
+    """sum_n (a_n (x) b_n) c_n^T over rows, (..., m, Dv, D), in blocks of rows so that the
+    (rows, m, Dv) Kronecker block stays small."""
+    total = None
+    for r in range(0, a.shape[-2], ROW_BLOCK):
+        part = torch.einsum("...na,...ne,...nd->...aed", a[..., r:r + ROW_BLOCK, :], b[..., r:r + ROW_BLOCK, :],
+                            c[..., r:r + ROW_BLOCK, :])
+        total = part if total is None else total + part
+    return total
 
 
 def _kron_rows(a, b, middle):
@@ -193,7 +204,7 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, chunk=CAUSAL_CHUNK):
         dq = _kron_rows(u, do, state_m1) - rho * (u @ state_v1k) + p @ kc.unsqueeze(2)
         dq_chunks.append(scale * dq)
         rho_chunks.append(rho)
-        state_m1 = state_m1 + torch.einsum("bhsa,bhse,bhsd->bhaed", v1c, vc, kc).unsqueeze(2)
+        state_m1 = state_m1 + _kron_gram(v1c, vc, kc).unsqueeze(2)
         state_v1k = state_v1k + (v1c.transpose(-1, -2) @ kc).unsqueeze(2)
         state_v1v = state_v1v + (v1c.transpose(-1, -2) @ vc).unsqueeze(2)
     rho_all = torch.cat(rho_chunks, dim=-2)
@@ -212,7 +223,7 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, chunk=CAUSAL_CHUNK):
         dv = v1c @ state_udo + (f.transpose(-1, -2) @ do).sum(2)
         dk_chunks.append(scale * dk)
         dv_chunks.append(dv)
-        state_m2 = state_m2 + torch.einsum("bhgna,bhgne,bhgnd->bhaed", u, do, qc)
+        state_m2 = state_m2 + _kron_gram(u, do, qc).sum(2)
         state_urq = state_urq + torch.einsum("bhgna,bhgnd->bhad", u, rho * qc)
         state_udo = state_udo + torch.einsum("bhgna,bhgne->bhae", u, do)
     dq = torch.cat(dq_chunks, dim=-2)[..., :n_q, :]
@@ -225,8 +236,9 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, chunk=CAUSAL_CHUNK):
 
 
 def exact_attention(query, key, value, *, scale, is_causal, key_valid):
-    """Exact softmax attention: SDPA on CUDA (flash / cuDNN / efficient), the dense reference elsewhere."""
-    if query.device.type == "cuda" and key_valid is None:
+    """Exact softmax attention: SDPA (flash / cuDNN / CPU flash kernels) without key padding, the
+    dense reference with it (so that rows whose keys are all padded give zeros, not NaN)."""
+    if key_valid is None:
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, scale=scale, is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1]
         )
