@@ -108,7 +108,7 @@ def test_gradient_error_falls_as_features_grow(is_causal):
                 lambda q, k, v: lora.chained_lowrank_attention(q, k, v, num_features=m, seed=seed, is_causal=is_causal),
                 q, k, v, do,
             )
-            assert torch.equal(approx[0], exact[0])  # the forward is exact
+            assert (approx[0] - exact[0]).abs().max() < 1e-12  # the forward is exact
             err += sum(rel(a, b) for a, b in zip(approx[1:], exact[1:])) / 12
             cos += sum(float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
                        for a, b in zip(approx[1:], exact[1:])) / 12
