@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import reference
+from . import reference, triton_backend
 from .features import draw_feature_matrix, effective_feature_matrix, feature_logits, make_generator
 from .functional import default_scale, validate_qkv
 from .modules import ScatterbrainAttention
@@ -128,36 +128,53 @@ def exact_factors(q, k, scale, *, is_causal=False, key_valid=None):
 # ----------------------------------------------------------------------------- the chain
 
 
-def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=False):
+def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=False, kernels=False):
     """(dq, dk, dv) of attention for f = U1 V1^T (masked causally when is_causal), in O(N m D Dv).
 
     q (B, Hkv, G, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), grad_out (B, Hkv, G, N, Dv),
     u1 (B, Hkv, G, N, m), v1 (B, Hkv, S, m). Padded keys must have V1 rows of zero. With exact
-    factors (U1 = P, V1 = I) this is the exact attention backward.
+    factors (U1 = P, V1 = I) this is the exact attention backward. kernels=True computes the two
+    Kronecker products with the Triton kernels of scatterattn.kernels.chained_grad (fp32).
     """
+    gram, rows = _kron_ops(kernels)
     if is_causal:
-        return _chain_causal(q, k, v, grad_out, u1, v1, scale)
+        return _chain_causal(q, k, v, grad_out, u1, v1, scale, gram=gram, rows=rows)
     o_tilde = u1 @ (v1.transpose(-1, -2) @ v).unsqueeze(2)
     rho = (grad_out * o_tilde).sum(-1, keepdim=True)
-    m1 = _kron_gram(v1, v, k)  # (V1 (x) V)^T K: (B, Hkv, m, Dv, D)
+    m1 = gram(v1, v, k)  # (V1 (x) V)^T K: (B, Hkv, m, Dv, D)
     v1k = (v1.transpose(-1, -2) @ k).unsqueeze(2)  # V1^T K: (m, D)
     dq = torch.cat(
         [
-            _kron_rows(u1[..., r:r + ROW_BLOCK, :], grad_out[..., r:r + ROW_BLOCK, :], m1.unsqueeze(2))
+            rows(u1[..., r:r + ROW_BLOCK, :], grad_out[..., r:r + ROW_BLOCK, :], m1.unsqueeze(2))
             for r in range(0, u1.shape[-2], ROW_BLOCK)
         ],
         dim=-2,
     )
     dq = scale * (dq - rho * (u1 @ v1k))
-    m2 = _kron_gram(u1, grad_out, q).sum(2)  # (U1 (x) dO)^T Q, summed over the group
+    m2 = gram(u1, grad_out, q).sum(2)  # (U1 (x) dO)^T Q, summed over the group
     dk = torch.cat(
-        [_kron_rows(v1[..., r:r + ROW_BLOCK, :], v[..., r:r + ROW_BLOCK, :], m2) for r in range(0, v1.shape[-2], ROW_BLOCK)],
+        [rows(v1[..., r:r + ROW_BLOCK, :], v[..., r:r + ROW_BLOCK, :], m2) for r in range(0, v1.shape[-2], ROW_BLOCK)],
         dim=-2,
     )
     u1_rho_q = torch.einsum("bhgna,bhgnd->bhad", u1, rho * q)  # U1^T diag(rho) Q, summed over G
     dk = scale * (dk - v1 @ u1_rho_q)
     dv = v1 @ torch.einsum("bhgna,bhgne->bhae", u1, grad_out)
     return dq, dk, dv
+
+
+def _kron_ops(kernels: bool):
+    """(gram, rows): the torch versions below, or the Triton kernels (results cast back)."""
+    if not kernels:
+        return _kron_gram, _kron_rows
+    from .kernels import chained_grad
+
+    def gram(a, b, c):
+        return chained_grad.kron_gram(a, b, c).to(a.dtype)
+
+    def rows(a, b, middle):
+        return chained_grad.kron_rows(a, b, middle).to(a.dtype)
+
+    return gram, rows
 
 
 def _kron_gram(a, b, c):
@@ -176,7 +193,7 @@ def _kron_rows(a, b, middle):
     return torch.einsum("...na,...ne,...aed->...nd", a, b, middle)
 
 
-def _chain_causal(q, k, v, grad_out, u1, v1, scale, chunk=CAUSAL_CHUNK):
+def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chunk=CAUSAL_CHUNK):
     """Causal chain (key j visible to query i when j <= i): exact products inside a chunk, running
     prefix states (forward in i) for dq and suffix states (backward in j) for dk, dv."""
     n_q, n_k = q.shape[-2], k.shape[-2]
@@ -201,10 +218,10 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, chunk=CAUSAL_CHUNK):
         o_tilde = u @ state_v1v + f @ vc.unsqueeze(2)
         rho = (do * o_tilde).sum(-1, keepdim=True)
         p = f * (do @ vc.unsqueeze(2).transpose(-1, -2)) - rho * f  # intra-chunk dS
-        dq = _kron_rows(u, do, state_m1) - rho * (u @ state_v1k) + p @ kc.unsqueeze(2)
+        dq = rows(u, do, state_m1) - rho * (u @ state_v1k) + p @ kc.unsqueeze(2)
         dq_chunks.append(scale * dq)
         rho_chunks.append(rho)
-        state_m1 = state_m1 + _kron_gram(v1c, vc, kc).unsqueeze(2)
+        state_m1 = state_m1 + gram(v1c, vc, kc).unsqueeze(2)
         state_v1k = state_v1k + (v1c.transpose(-1, -2) @ kc).unsqueeze(2)
         state_v1v = state_v1v + (v1c.transpose(-1, -2) @ vc).unsqueeze(2)
     rho_all = torch.cat(rho_chunks, dim=-2)
@@ -219,11 +236,11 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, chunk=CAUSAL_CHUNK):
         kc, vc, v1c = k_[..., sl, :], v_[..., sl, :], v1_[..., sl, :]
         f = (u @ v1c.unsqueeze(2).transpose(-1, -2)) * tril
         p = f * (do @ vc.unsqueeze(2).transpose(-1, -2)) - rho * f
-        dk = _kron_rows(v1c, vc, state_m2) - v1c @ state_urq + (p.transpose(-1, -2) @ qc).sum(2)
+        dk = rows(v1c, vc, state_m2) - v1c @ state_urq + (p.transpose(-1, -2) @ qc).sum(2)
         dv = v1c @ state_udo + (f.transpose(-1, -2) @ do).sum(2)
         dk_chunks.append(scale * dk)
         dv_chunks.append(dv)
-        state_m2 = state_m2 + _kron_gram(u, do, qc).sum(2)
+        state_m2 = state_m2 + gram(u, do, qc).sum(2)
         state_urq = state_urq + torch.einsum("bhgna,bhgnd->bhad", u, rho * qc)
         state_udo = state_udo + torch.einsum("bhgna,bhgne->bhae", u, do)
     dq = torch.cat(dq_chunks, dim=-2)[..., :n_q, :]
@@ -249,11 +266,12 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
     """Exact forward; backward by the chained low-rank approximation, per group with an exact fallback."""
 
     @staticmethod
-    def forward(ctx, query, key, value, feature_matrix, scale, is_causal, key_valid, threshold, stats, exact_factors):
+    def forward(ctx, query, key, value, feature_matrix, scale, is_causal, key_valid, threshold, stats, exact_factors,
+                kernels):
         out = exact_attention(query, key, value, scale=scale, is_causal=is_causal, key_valid=key_valid)
         ctx.save_for_backward(query, key, value, feature_matrix)
         ctx.scale, ctx.is_causal, ctx.key_valid = scale, is_causal, key_valid
-        ctx.threshold, ctx.stats, ctx.exact_factors = threshold, stats, exact_factors
+        ctx.threshold, ctx.stats, ctx.exact_factors, ctx.kernels = threshold, stats, exact_factors, kernels
         return out
 
     @staticmethod
@@ -274,7 +292,7 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
             u1, v1 = exact_factors(q, k, scale, is_causal=is_causal, key_valid=key_valid)
         else:
             u1, v1 = random_feature_factors(q, k, feature_matrix, scale, is_causal=is_causal, key_valid=key_valid)
-        dq, dk, dv = chained_attention_backward(q, k, v, do, u1, v1, scale, is_causal=is_causal)
+        dq, dk, dv = chained_attention_backward(q, k, v, do, u1, v1, scale, is_causal=is_causal, kernels=ctx.kernels)
         dq = dq.reshape(batch, heads, n_q, dim)
 
         n_exact = int(exact_groups.sum())
@@ -294,7 +312,7 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
             dv[b_idx, h_idx] = gv.squeeze(1).to(dv.dtype)
         if ctx.stats is not None:
             ctx.stats.record(bound.numel() - n_exact, n_exact, float(bound.max()))
-        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None, None, None, None, None
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None, None, None, None, None, None
 
 
 def chained_lowrank_attention(
@@ -313,6 +331,7 @@ def chained_lowrank_attention(
     generator: torch.Generator | None = None,
     stats: ChainedGradientStats | None = GLOBAL_STATS,
     factors: str = "random",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Exact attention forward, chained low-rank (approximate) backward: "exact model, approximate gradient".
 
@@ -320,7 +339,10 @@ def chained_lowrank_attention(
     tau * max|q| * max|k| above which that group's backward is exact (None: never). Fallbacks are
     counted in `stats` (default: scatterattn.lora.GLOBAL_STATS). `factors="exact"` uses U1 = P,
     V1 = I (O(N S) memory; the chain is then the exact backward: a check of the algebra).
+    `backend`: 'reference' (torch einsums), 'triton' (the Kronecker products as Triton kernels; fp16,
+    bf16, fp32 inputs, CUDA or TRITON_INTERPRET=1) or 'auto' (Triton on CUDA, else reference).
     """
+    kernels = _use_kernels(backend, query)
     if factors not in ("random", "exact"):
         raise ValueError(f"factors must be 'random' or 'exact', got {factors!r}")
     validate_qkv(query, key, value, key_padding_mask, scale)
@@ -337,8 +359,19 @@ def chained_lowrank_attention(
     key_valid = None if key_padding_mask is None else ~key_padding_mask
     return ChainedLowRankAttentionFunction.apply(
         query, key, value, w, default_scale(scale, dim), bool(is_causal), key_valid, threshold, stats,
-        factors == "exact",
+        factors == "exact", kernels,
     )
+
+
+def _use_kernels(backend: str, query: torch.Tensor) -> bool:
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'reference', 'triton'), got {backend!r}")
+    if backend == "reference":
+        return False
+    reason = triton_backend.unsupported_reason(query, is_causal=False)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
+    return reason is None and (backend == "triton" or query.device.type == "cuda")
 
 
 class ChainedLowRankAttention(ScatterbrainAttention):
@@ -351,11 +384,11 @@ class ChainedLowRankAttention(ScatterbrainAttention):
 
     def __init__(self, head_dim: int, *, num_features: int = 256, feature_type: str = "positive",
                  threshold: float | None = DEFAULT_THRESHOLD, redraw_interval: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, backend: str = "auto"):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be an int >= 1 for the chained gradient, got {num_features!r}")
         super().__init__(head_dim, num_features=num_features, feature_type=feature_type, sparse="none",
-                         redraw_interval=redraw_interval, seed=seed, backend="reference")
+                         redraw_interval=redraw_interval, seed=seed, backend=backend)
         if threshold is not None and not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
             raise ValueError(f"threshold must be a positive finite number or None, got {threshold!r}")
         self.threshold = threshold
@@ -371,13 +404,13 @@ class ChainedLowRankAttention(ScatterbrainAttention):
         return chained_lowrank_attention(
             query, key, value, scale=scale, is_causal=is_causal, key_padding_mask=key_padding_mask,
             num_features=self.config.num_features, feature_type=self.config.feature_type,
-            threshold=self.threshold, feature_matrix=self.feature_matrix, stats=self.stats,
+            threshold=self.threshold, feature_matrix=self.feature_matrix, stats=self.stats, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_features={self.config.num_features}, "
                 f"feature_type={self.config.feature_type!r}, threshold={self.threshold}, "
-                f"redraw_interval={self.redraw_interval}")
+                f"redraw_interval={self.redraw_interval}, backend={self.backend!r}")
 
 
 LORA_PROJECTION_NAMES = {
