@@ -3,7 +3,8 @@
 import triton
 import triton.language as tl
 
-NEG = -1.0e30  # "minus infinity" that keeps exp(NEG - NEG) finite
+NEG_VALUE = -1.0e30  # "minus infinity" that keeps exp(NEG - NEG) finite
+NEG = tl.constexpr(NEG_VALUE)  # kernels may only read constexpr globals
 
 
 @triton.jit

@@ -24,7 +24,7 @@ Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp
 import triton
 import triton.language as tl
 
-from .scatterbrain_common import NEG, feature_logits, load_key_chunk, load_query_tile, support_mask
+from .scatterbrain_common import NEG, NEG_VALUE, feature_logits, load_key_chunk, load_query_tile, support_mask
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=64, block_f=32, keys_per_
 def combine_key_state(kv_part, z_part, max_part):
     """Merge per-split partial states to the global per-feature maximum g."""
     g = max_part.amax(dim=1)
-    g = torch.where(g > NEG / 2, g, torch.zeros_like(g))  # no real key at all: any shift works
+    g = torch.where(g > NEG_VALUE / 2, g, torch.zeros_like(g))  # no real key at all: any shift works
     weight = torch.exp(max_part - g.unsqueeze(1))
     kv = (kv_part * weight.unsqueeze(-1)).sum(1)
     z = (z_part * weight).sum(1)
