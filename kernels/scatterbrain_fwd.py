@@ -120,30 +120,28 @@ def sparse_lowrank_fwd_kernel(
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
     state = (b * (H // GROUP) + hkv).to(tl.int64)
 
-    # Row stabiliser from the low-rank term: r_i = max_f (l(q_i)_f + g_f).
+    # Row stabiliser from the low-rank term, r_i = max_f (l(q_i)_f + g_f), found in the same pass
+    # over the features that adds phi_i . KV and phi_i . z (rescaled online as r_i grows).
     row_lr = tl.full((BLOCK_Q,), NEG, tl.float32)
-    if HAS_FEATURES:
-        for f0 in range(0, M, BLOCK_F):
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
-            lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-            row_lr = tl.maximum(row_lr, tl.max(lq + g[None, :], 1))
-    row = row_lr
-
     acc = tl.zeros((BLOCK_Q, BLOCK_DV), tl.float32)
     den = tl.zeros((BLOCK_Q,), tl.float32)
-    if ADD_LOW_RANK:
+    if HAS_FEATURES:
         for f0 in range(0, M, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             f_ok = offs_f < M
             g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
-            lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-            phi_q = tl.exp(lq + g[None, :] - row_lr[:, None]) * inv_m
-            kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
-                         mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0)
-            acc += tl.dot(phi_q, kv, input_precision=FP32_PREC)
-            den += tl.sum(phi_q * z[None, :], 1)
+            lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC) + g[None, :]
+            new_lr = tl.maximum(row_lr, tl.max(lq, 1))
+            if ADD_LOW_RANK:
+                alpha = tl.exp(row_lr - new_lr)
+                phi_q = tl.exp(lq - new_lr[:, None]) * inv_m
+                kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                             mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(phi_q, kv, input_precision=FP32_PREC)
+                den = den * alpha + tl.sum(phi_q * z[None, :], 1)
+            row_lr = new_lr
+    row = row_lr
 
     for k0 in range(0, TK, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
