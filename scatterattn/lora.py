@@ -44,13 +44,15 @@ class ChainedGradientStats:
     """Counts of (batch, key/value head) groups whose backward was approximate or fell back to exact."""
 
     approximate: int = 0
-    fallback: int = 0
+    fallback: int = 0  # all exact groups: above the threshold, or numeric (below)
+    numeric: int = 0  # of which: below the threshold, but the factors underflowed
     max_logit_bound: float = 0.0
     history: list = field(default_factory=list)  # per backward: (approximate, fallback)
 
-    def record(self, approximate: int, fallback: int, bound: float) -> None:
+    def record(self, approximate: int, fallback: int, bound: float, numeric: int = 0) -> None:
         self.approximate += approximate
         self.fallback += fallback
+        self.numeric += numeric
         self.max_logit_bound = max(self.max_logit_bound, bound)
         self.history.append((approximate, fallback))
 
@@ -60,7 +62,7 @@ class ChainedGradientStats:
         return self.fallback / total if total else 0.0
 
     def reset(self) -> None:
-        self.approximate = self.fallback = 0
+        self.approximate = self.fallback = self.numeric = 0
         self.max_logit_bound = 0.0
         self.history.clear()
 
@@ -91,6 +93,11 @@ def random_feature_factors(q, k, feature_matrix, scale, *, is_causal=False, key_
     V1 = exp(l(k) - g) with g the per-feature key maximum; U1 = P / D~ with P = exp(l(q) + g - r)
     and D~_i = sum_{j allowed} P_i . V1_j (row sums of the factorised matrix), so U1 V1^T has rows
     summing to one. Constants (g, r) carry no gradient and cancel.
+
+    Also returns `underflow` (B, Hkv, G, N) bool: rows that have allowed keys but whose D~ fell below
+    sqrt(finfo.tiny) -- with the global key stabiliser g, causal rows whose visible keys carry
+    negligible feature mass compared with later keys. There U1 would be numerically meaningless
+    (huge values, inf - inf); the backward computes those groups exactly instead.
     """
     root = math.sqrt(scale)
     w = feature_matrix.to(device=q.device, dtype=q.dtype)
@@ -108,7 +115,22 @@ def random_feature_factors(q, k, feature_matrix, scale, *, is_causal=False, key_
         den = (p * prefix[..., :n_q, :].unsqueeze(2)).sum(-1, keepdim=True)
     else:
         den = p @ v1.sum(-2).unsqueeze(2).unsqueeze(-1)
-    return p / reference._safe_den(den), v1
+    has_keys = _rows_with_keys(q.shape, k.shape[-2], is_causal, key_valid, q.device)
+    underflow = has_keys & (den.squeeze(-1) < torch.finfo(den.dtype).tiny ** 0.5)
+    u1 = p / torch.where(underflow.unsqueeze(-1), 1.0, reference._safe_den(den))
+    return u1, v1, underflow
+
+
+def _rows_with_keys(q_shape, n_k, is_causal, key_valid, device):
+    """(B or 1, 1, 1, N) bool: query rows that see at least one real key."""
+    n_q = q_shape[-2]
+    if key_valid is None:
+        return torch.ones(1, 1, 1, n_q, dtype=torch.bool, device=device)
+    if not is_causal:
+        return key_valid.any(-1)[:, None, None, None].expand(-1, 1, 1, n_q)
+    seen = torch.cumsum(key_valid.long(), dim=-1)  # real keys among 0 .. j
+    idx = torch.arange(n_q, device=device).clamp_max(n_k - 1)
+    return (seen[:, idx] > 0)[:, None, None, :]
 
 
 def exact_factors(q, k, scale, *, is_causal=False, key_valid=None):
@@ -282,7 +304,8 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
         kv_heads = key.shape[1]
         group = heads // kv_heads
         bound = logit_bound(query, key, scale, key_valid)  # (B, Hkv)
-        exact_groups = bound > ctx.threshold if ctx.threshold is not None else torch.zeros_like(bound, dtype=torch.bool)
+        over = bound > ctx.threshold if ctx.threshold is not None else torch.zeros_like(bound, dtype=torch.bool)
+        exact_groups = over
 
         cd = reference.compute_dtype(query.dtype)
         q = query.detach().to(cd).reshape(batch, kv_heads, group, n_q, dim)
@@ -291,7 +314,11 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
         if ctx.exact_factors:
             u1, v1 = exact_factors(q, k, scale, is_causal=is_causal, key_valid=key_valid)
         else:
-            u1, v1 = random_feature_factors(q, k, feature_matrix, scale, is_causal=is_causal, key_valid=key_valid)
+            u1, v1, underflow = random_feature_factors(
+                q, k, feature_matrix, scale, is_causal=is_causal, key_valid=key_valid
+            )
+            numeric = underflow.flatten(2).any(-1)  # (B, Hkv)
+            exact_groups = exact_groups | numeric
         dq, dk, dv = chained_attention_backward(q, k, v, do, u1, v1, scale, is_causal=is_causal, kernels=ctx.kernels)
         dq = dq.reshape(batch, heads, n_q, dim)
 
@@ -311,7 +338,8 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
             dk[b_idx, h_idx] = gk.squeeze(1).to(dk.dtype)
             dv[b_idx, h_idx] = gv.squeeze(1).to(dv.dtype)
         if ctx.stats is not None:
-            ctx.stats.record(bound.numel() - n_exact, n_exact, float(bound.max()))
+            ctx.stats.record(bound.numel() - n_exact, n_exact, float(bound.max()),
+                             numeric=0 if ctx.exact_factors else int((numeric & ~over).sum()))
         return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None, None, None, None, None, None
 
 
