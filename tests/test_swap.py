@@ -1,0 +1,243 @@
+"""swap_attention / restore_attention on torch.nn.MultiheadAttention (and the generic error paths).
+
+With a covering setting (bucket_size >= source length) Scatterbrain attention is exact, so the swapped
+module must reproduce nn.MultiheadAttention's output (atol 1e-5, float32)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from scatterattn import ScatterbrainConfig
+from scatterattn.integrations import (
+    AttachedScatterbrain,
+    ExactAttention,
+    ScatterbrainMultiheadAttention,
+    restore_attention,
+    swap_attention,
+)
+
+ATOL = 1e-5
+COVER = ScatterbrainConfig(num_features=16, bucket_size=64)
+APPROX = ScatterbrainConfig(num_features=8, bucket_size=4)
+E, H, L, S, B = 32, 4, 10, 13, 3
+
+
+def make_mha(**kwargs) -> nn.MultiheadAttention:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, **kwargs)
+    with torch.no_grad():  # non-zero biases so that they are exercised
+        for name, p in mha.named_parameters():
+            if "bias" in name:
+                p.normal_(0, 0.5)
+    return mha.eval()
+
+
+def inputs(batch_first, kdim=E, vdim=E, n_q=L, n_k=S):
+    gen = torch.Generator().manual_seed(1)
+    shape = (lambda n, d: (B, n, d)) if batch_first else (lambda n, d: (n, B, d))
+    q = torch.randn(*shape(n_q, E), generator=gen)
+    k = torch.randn(*shape(n_k, kdim), generator=gen)
+    v = torch.randn(*shape(n_k, vdim), generator=gen)
+    pad = torch.zeros(B, n_k, dtype=torch.bool)
+    pad[1, n_k - 4:] = True
+    pad[2, n_k - 7:] = True
+    return q, k, v, pad
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"kdim": 24, "vdim": 20}, {"add_bias_kv": True}, {"add_zero_attn": True}, {"bias": False}],
+    ids=["plain", "kdim-vdim", "bias-kv", "zero-attn", "no-bias"],
+)
+@torch.no_grad()
+def test_swapped_mha_equals_original_with_key_padding(batch_first, options):
+    mha = make_mha(batch_first=batch_first, **options)
+    q, k, v, pad = inputs(batch_first, options.get("kdim", E), options.get("vdim", E))
+    ref, _ = mha(q, k, v, key_padding_mask=pad, need_weights=False)
+    unpadded, _ = mha(q, k, v, need_weights=False)
+    assert (ref - unpadded).abs().max() > 1e-3  # padding changes the answer
+    new = ScatterbrainMultiheadAttention.from_module(mha, COVER)
+    out, weights = new(q, k, v, key_padding_mask=pad, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    float_pad = torch.zeros(pad.shape).masked_fill(pad, float("-inf"))
+    torch.testing.assert_close(new(q, k, v, key_padding_mask=float_pad, need_weights=False)[0], ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@torch.no_grad()
+def test_causal_masks_and_unbatched_inputs(batch_first):
+    mha = make_mha(batch_first=batch_first)
+    q, _, _, pad = inputs(batch_first, n_k=L)
+    pad = pad[:, :L]
+    new = ScatterbrainMultiheadAttention.from_module(mha, COVER)
+    bool_causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    float_causal = nn.Transformer.generate_square_subsequent_mask(L)
+    ref, _ = mha(q, q, q, attn_mask=bool_causal, need_weights=False)
+    for mask in (bool_causal, float_causal):
+        torch.testing.assert_close(new(q, q, q, attn_mask=mask, need_weights=False)[0], ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(new(q, q, q, is_causal=True, need_weights=False)[0], ref, atol=ATOL, rtol=0)
+    ref_pad, _ = mha(q, q, q, attn_mask=float_causal, key_padding_mask=pad.float().masked_fill(pad, float("-inf")), need_weights=False)
+    out_pad, _ = new(q, q, q, attn_mask=float_causal, key_padding_mask=pad, need_weights=False)
+    real = ~pad if batch_first else (~pad).t()
+    torch.testing.assert_close(out_pad[real], ref_pad[real], atol=ATOL, rtol=0)
+    x = q[0] if batch_first else q[:, 0]  # unbatched (L, E)
+    torch.testing.assert_close(new(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0], atol=ATOL, rtol=0)
+
+
+def test_unsupported_mha_options_raise_clearly():
+    mha = make_mha(batch_first=True)
+    new = ScatterbrainMultiheadAttention.from_module(mha, COVER)
+    q, k, v, pad = inputs(True)
+    with pytest.raises(ValueError, match="need_weights=False"):
+        new(q, k, v)  # nn.MultiheadAttention's default need_weights=True
+    with pytest.raises(ValueError, match="exactly the causal mask"):
+        new(q, k, v, attn_mask=torch.rand(L, S) > 0.5, need_weights=False)
+    with pytest.raises(ValueError, match="exactly the causal mask"):
+        new(q, q, q, attn_mask=torch.zeros(L, L).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), -1e4), need_weights=False)
+    with pytest.raises(ValueError, match="2-D causal mask"):
+        new(q, q, q, attn_mask=torch.ones(B * H, L, L, dtype=torch.bool).triu(1), need_weights=False)
+    with pytest.raises(ValueError, match="only 0"):
+        new(q, k, v, key_padding_mask=torch.randn(B, S), need_weights=False)
+    dropped = ScatterbrainMultiheadAttention.from_module(make_mha(batch_first=True, dropout=0.1), COVER).train()
+    with pytest.raises(ValueError, match="attention dropout"):
+        dropped(q, k, v, need_weights=False)
+
+
+def encoder(layers=2, **kwargs):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=True, **kwargs)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=True).eval()
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@torch.no_grad()
+def test_transformer_encoder_fast_paths_do_not_bypass_the_swap():
+    # In eval mode with padding, nn.TransformerEncoder converts to nested tensors and its layers take a
+    # fused path that reads in_proj_weight directly; the swapped modules must still be the ones used.
+    model = encoder()
+    x, _, _, pad = inputs(True, n_k=L)
+    pad = pad[:, :L]
+    dense = model(x, src_key_padding_mask=pad)
+    report = swap_attention(model, COVER)
+    assert report.names == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert [(e.kind, e.before) for e in report] == [("mha", "MultiheadAttention")] * 2
+    real = ~pad
+    torch.testing.assert_close(model(x, src_key_padding_mask=pad)[real], dense[real], atol=ATOL, rtol=0)
+    restore_attention(model)
+    swap_attention(model, APPROX)
+    approx = model(x, src_key_padding_mask=pad)
+    assert (approx[real] - dense[real]).abs().max() > 1e-4  # really computed by Scatterbrain
+    assert torch.isfinite(approx[real]).all()
+
+
+def test_swapped_encoder_trains_and_restore_keeps_the_training():
+    model = encoder()
+    x, _, _, pad = inputs(True, n_k=L)
+    pad = pad[:, :L]
+    original_modules = [layer.self_attn for layer in model.layers]
+    with torch.no_grad():
+        before = model(x, src_key_padding_mask=pad)
+    swap_attention(model, APPROX, seed=4)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(x, src_key_padding_mask=pad)[~pad].pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.layers[0].self_attn.in_proj_weight.grad.abs().sum() > 0
+    opt.step()
+    trained_weight = model.layers[0].self_attn.in_proj_weight
+    report = restore_attention(model)
+    assert report.names == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert [layer.self_attn for layer in model.layers] == original_modules
+    assert all(type(m) is nn.MultiheadAttention for m in original_modules)
+    assert model.layers[0].self_attn.in_proj_weight is trained_weight  # the trained parameters carry over
+    assert model.training and model.layers[0].self_attn.training
+    model.eval()
+    with torch.no_grad():
+        assert (model(x, src_key_padding_mask=pad) - before)[~pad].abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_restore_returns_original_behaviour_and_parameters_are_shared():
+    model = nn.Sequential(make_mha(batch_first=True))
+
+    class Call(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner[0](x, x, x, need_weights=False)[0]
+
+    wrapped = Call(model)
+    x = inputs(True)[0]
+    dense = wrapped(x)
+    original = model[0]
+    swap_attention(wrapped, APPROX)
+    swapped = model[0]
+    assert isinstance(swapped, ScatterbrainMultiheadAttention) and isinstance(swapped, nn.MultiheadAttention)
+    assert swapped.in_proj_weight is original.in_proj_weight and swapped.out_proj is original.out_proj
+    assert (wrapped(x) - dense).abs().max() > 1e-4
+    restore_attention(wrapped)
+    assert model[0] is original
+    torch.testing.assert_close(wrapped(x), dense, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_state_dict_round_trip_and_per_layer_settings():
+    a, b = encoder(), encoder()
+    swap_attention(a, APPROX, seed=1)
+    swap_attention(b, APPROX, seed=2)
+    x = inputs(True, n_k=L)[0]
+    out_a = a(x)
+    assert (b(x) - out_a).abs().max() > 1e-4
+    state = a.state_dict()
+    assert "layers.0.self_attn.scatterbrain.feature_matrix" in state
+    b.load_state_dict(state)
+    torch.testing.assert_close(b(x), out_a, atol=0, rtol=0)
+    # A dense checkpoint (no random features in it) loads strictly into a swapped model.
+    b.load_state_dict(encoder().state_dict(), strict=True)
+
+    c = encoder()
+    dense_first = c.layers[0](x)
+    report = swap_attention(c, APPROX, per_layer={0: "exact", "layers.1.self_attn": {"num_features": 4, "bucket_size": 2}})
+    assert [e.after for e in report] == ["exact", "scatterbrain(features=4, lsh(bucket=2, hashes=1))"]
+    assert isinstance(c.layers[0].self_attn.scatterbrain, ExactAttention)
+    assert isinstance(c.layers[1].self_attn.scatterbrain, AttachedScatterbrain)
+    torch.testing.assert_close(c.layers[0](x), dense_first, atol=ATOL, rtol=0)
+    untouched = encoder()
+    with pytest.raises(ValueError, match="match no swappable module"):
+        swap_attention(untouched, APPROX, per_layer={5: "exact"})
+    assert all(type(layer.self_attn) is nn.MultiheadAttention for layer in untouched.layers)  # nothing changed
+
+
+def test_models_without_supported_attention_raise():
+    with pytest.raises(ValueError, match="no supported attention module"):
+        swap_attention(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+    class MyAttention(nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match=r"does not support: 0 \(MyAttention\)"):
+        swap_attention(nn.Sequential(MyAttention()))
+    mixed = nn.ModuleDict({"mine": MyAttention(), "mha": make_mha()})
+    with pytest.raises(ValueError, match="strict=True"):
+        swap_attention(copy.deepcopy(mixed), strict=True)
+    with pytest.warns(UserWarning, match="mine"):
+        report = swap_attention(mixed)
+    assert report.names == ["mha"] and report.skipped[0][0] == "mine"
+    with pytest.raises(ValueError, match="already swapped: mha"):
+        swap_attention(nn.ModuleDict({"mha": mixed["mha"]}))
+    with pytest.raises(ValueError, match="nothing to restore"):
+        restore_attention(encoder())
+    with pytest.raises(ValueError, match="cannot be replaced in place"):
+        swap_attention(make_mha())
+    with pytest.raises(TypeError, match="unknown Scatterbrain setting"):
+        swap_attention(encoder(), bucket=3)
+    with pytest.raises(ValueError, match="must be 'exact'"):
+        swap_attention(encoder(), "dense")
