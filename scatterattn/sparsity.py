@@ -59,6 +59,10 @@ def lsh_plan(
     aligned). Masked keys hash to +inf and sort last; when a batch element has padding, its query
     chunks are spread evenly over the buckets that hold real keys, so every query still attends a
     full bucket (a bucket may then serve several query chunks of a round).
+
+    With fewer queries than buckets (decoding against a long key cache) rank quantiles say nothing,
+    so each query instead attends the bucket where its hash falls among the sorted key hashes
+    (searchsorted); tile t then holds the queries of bucket t (tq = N, mostly empty slots).
     """
     batch, heads, n_q, dim = query.shape
     kv_heads, n_k = key.shape[1], key.shape[2]
@@ -85,6 +89,13 @@ def lsh_plan(
         k_order = torch.sort(k_hash, dim=-1, stable=True).indices
 
         n_buckets = math.ceil(n_k / bucket_size)
+        real_buckets = None
+        if key_valid is not None:
+            real_buckets = torch.div(key_valid.sum(-1) + bucket_size - 1, bucket_size, rounding_mode="floor")
+        if n_q < n_buckets:
+            return _lsh_plan_by_key_position(
+                q_hash, k_hash, k_order, bucket_size, n_buckets, real_buckets, kv_heads, n_q, n_k
+            )
         q_chunk = math.ceil(n_q / n_buckets)
         q_index = _pad_last(q_order, n_buckets * q_chunk, n_q)
         k_index = _pad_last(k_order, n_buckets * bucket_size, n_k).reshape(
@@ -97,7 +108,6 @@ def lsh_plan(
         if key_valid is None:
             tile_bucket = chunk_ids.expand(batch, n_buckets)
         else:
-            real_buckets = torch.div(key_valid.sum(-1) + bucket_size - 1, bucket_size, rounding_mode="floor")
             tile_bucket = torch.div(chunk_ids * real_buckets.clamp_min(1)[:, None], n_buckets, rounding_mode="floor")
             k_index = k_index.gather(
                 -2, tile_bucket[:, None, None, :, None].expand(batch, kv_heads, n_rounds, n_buckets, bucket_size)
@@ -114,6 +124,33 @@ def lsh_plan(
             q_bucket=q_bucket,
             k_bucket=k_bucket,
         )
+
+
+def _lsh_plan_by_key_position(q_hash, k_hash, k_order, bucket_size, n_buckets, real_buckets, kv_heads, n_q, n_k):
+    """Few queries: query i attends the key bucket containing its hash's position among the sorted
+    key hashes of its key/value head. Tiles are the key buckets; tile t lists the queries of bucket t."""
+    batch, heads, n_rounds, _ = q_hash.shape
+    group = heads // kv_heads
+    k_sorted = k_hash.gather(-1, k_order).contiguous()  # (B, Hkv, R, S), padded keys (+inf) last
+    grouped = q_hash.reshape(batch, kv_heads, group, n_rounds, n_q).transpose(2, 3)
+    pos = torch.searchsorted(k_sorted, grouped.reshape(batch, kv_heads, n_rounds, group * n_q).contiguous())
+    last = (real_buckets.clamp_min(1) - 1) if real_buckets is not None else torch.full(
+        (batch,), n_buckets - 1, device=q_hash.device)
+    bucket = torch.minimum(torch.div(pos, bucket_size, rounding_mode="floor"), last[:, None, None, None])
+    q_bucket = bucket.reshape(batch, kv_heads, n_rounds, group, n_q).transpose(2, 3).reshape(
+        batch, heads, n_rounds, n_q)
+    tiles = torch.arange(n_buckets, device=q_hash.device)[:, None]
+    positions = torch.arange(n_q, device=q_hash.device)
+    q_index = torch.where(q_bucket.unsqueeze(-2) == tiles, positions, n_q)  # (B, H, R, T, N)
+    k_index = _pad_last(k_order, n_buckets * bucket_size, n_k).reshape(batch, kv_heads, n_rounds, n_buckets, bucket_size)
+    return SparsePlan(
+        q_index=q_index,
+        k_index=k_index,
+        num_queries=n_q,
+        num_keys=n_k,
+        q_bucket=q_bucket,
+        k_bucket=_ranks_to_buckets(k_order, bucket_size),
+    )
 
 
 def _pad_last(order: torch.Tensor, length: int, fill: int) -> torch.Tensor:

@@ -117,3 +117,8 @@ def test_backend_errors_and_auto_choice(monkeypatch):
     assert torch.equal(auto, sa.scatterbrain_attention(x, x, x, seed=3, bucket_size=8, backend="reference"))
     # causal with 'auto' falls back to the reference rather than failing
     assert torch.isfinite(sa.scatterbrain_attention(x, x, x, seed=3, bucket_size=8, is_causal=True)).all()
+
+
+def test_decoding_shapes_few_queries_many_keys():
+    # 3 queries against 100 keys in buckets of 16: the few-queries LSH plan (tile per key bucket)
+    check(torch.float32, 2, 4, 2, 3, 100, 16, dict(sparse="lsh", bucket_size=16, n_hashes=2), padded=True)

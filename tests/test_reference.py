@@ -323,3 +323,19 @@ def test_memory_is_linear_in_sequence_length():
     assert result.returncode == 0, result.stderr
     peak_mib = float(result.stdout.strip().splitlines()[-1])
     assert peak_mib < 1024, f"peak RSS grew by {peak_mib:.0f} MiB"
+
+
+def test_few_queries_attend_the_bucket_their_hash_falls_in():
+    """Decoding (fewer queries than buckets): each query attends the key bucket that contains its
+    hash position among the sorted key hashes, not the lowest bucket by rank."""
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 1, 512, 16, generator=gen, dtype=F64)
+    queries = torch.randn(1, 1, 40, 16, generator=gen, dtype=F64)
+    supports = [sa.attention_support(queries[:, :, i:i + 1], k, num_features=0, bucket_size=64, seed=0)[0, 0, 0]
+                for i in range(40)]
+    assert all(int(s.sum()) == 64 for s in supports)
+    assert len({tuple(s.nonzero().flatten().tolist()) for s in supports}) >= 4  # not one fixed bucket
+    # the plan against an explicit search: hash one query like lsh_plan and find its bucket
+    plan = sa.functional.prepare_call(queries[:, :, :1], k, k, num_features=0, bucket_size=64, seed=0).plan
+    t = int((plan.q_index[0, 0, 0] < 1).any(-1).nonzero())  # the tile holding the query
+    assert torch.equal(supports[0].nonzero().flatten().sort().values, plan.k_index[0, 0, 0, t].sort().values)
