@@ -34,7 +34,7 @@ from .features import draw_feature_matrix, effective_feature_matrix, feature_log
 from .functional import default_scale, validate_qkv
 from .modules import ScatterbrainAttention
 
-DEFAULT_THRESHOLD = 3.0  # logit bound; see bench/results/phase_transition.md
+DEFAULT_THRESHOLD = 2.0  # logit bound: ~20% gradient error at m = 256 (bench/results/phase_transition.md)
 ROW_BLOCK = 256  # rows per block when contracting with the (m, Dv, D) middle factors
 CAUSAL_CHUNK = 64
 
@@ -301,25 +301,32 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
         query, key, value, feature_matrix = ctx.saved_tensors
         scale, is_causal, key_valid = ctx.scale, ctx.is_causal, ctx.key_valid
         batch, heads, n_q, dim = query.shape
-        kv_heads = key.shape[1]
+        kv_heads, n_k, v_dim = key.shape[1], key.shape[2], value.shape[-1]
         group = heads // kv_heads
         bound = logit_bound(query, key, scale, key_valid)  # (B, Hkv)
         over = bound > ctx.threshold if ctx.threshold is not None else torch.zeros_like(bound, dtype=torch.bool)
-        exact_groups = over
 
         cd = reference.compute_dtype(query.dtype)
         q = query.detach().to(cd).reshape(batch, kv_heads, group, n_q, dim)
         k, v = key.detach().to(cd), value.detach().to(cd)
-        do = grad_out.to(cd).reshape(batch, kv_heads, group, n_q, -1)
-        if ctx.exact_factors:
-            u1, v1 = exact_factors(q, k, scale, is_causal=is_causal, key_valid=key_valid)
-        else:
-            u1, v1, underflow = random_feature_factors(
-                q, k, feature_matrix, scale, is_causal=is_causal, key_valid=key_valid
+        do = grad_out.to(cd).reshape(batch, kv_heads, group, n_q, v_dim)
+        dq = torch.zeros_like(q)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        exact_groups = over.clone()
+        numeric = torch.zeros_like(over)
+        b_c, h_c = (~over).nonzero(as_tuple=True)  # groups for the chain (none above the threshold)
+        if len(b_c) == batch * kv_heads:  # all of them: no gather
+            dq, dk, dv, numeric = _chain_groups(ctx, q, k, v, do, feature_matrix, key_valid)
+            exact_groups = numeric
+        elif len(b_c):
+            kv_sel = None if key_valid is None else key_valid[b_c]
+            g_dq, g_dk, g_dv, g_numeric = _chain_groups(
+                ctx, q[b_c, h_c].unsqueeze(1), k[b_c, h_c].unsqueeze(1), v[b_c, h_c].unsqueeze(1),
+                do[b_c, h_c].unsqueeze(1), feature_matrix, kv_sel,
             )
-            numeric = underflow.flatten(2).any(-1)  # (B, Hkv)
-            exact_groups = exact_groups | numeric
-        dq, dk, dv = chained_attention_backward(q, k, v, do, u1, v1, scale, is_causal=is_causal, kernels=ctx.kernels)
+            dq[b_c, h_c], dk[b_c, h_c], dv[b_c, h_c] = g_dq[:, 0], g_dk[:, 0], g_dv[:, 0]
+            numeric[b_c, h_c] = g_numeric[:, 0]
+            exact_groups = over | numeric
         dq = dq.reshape(batch, heads, n_q, dim)
 
         n_exact = int(exact_groups.sum())
@@ -338,9 +345,24 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
             dk[b_idx, h_idx] = gk.squeeze(1).to(dk.dtype)
             dv[b_idx, h_idx] = gv.squeeze(1).to(dv.dtype)
         if ctx.stats is not None:
-            ctx.stats.record(bound.numel() - n_exact, n_exact, float(bound.max()),
-                             numeric=0 if ctx.exact_factors else int((numeric & ~over).sum()))
+            ctx.stats.record(bound.numel() - n_exact, n_exact, float(bound.max()), numeric=int(numeric.sum()))
         return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None, None, None, None, None, None
+
+
+def _chain_groups(ctx, q, k, v, do, feature_matrix, key_valid):
+    """The chain for the given groups (compute layout); also which groups' factors underflowed."""
+    if ctx.exact_factors:
+        u1, v1 = exact_factors(q, k, ctx.scale, is_causal=ctx.is_causal, key_valid=key_valid)
+        numeric = torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)
+    else:
+        u1, v1, underflow = random_feature_factors(
+            q, k, feature_matrix, ctx.scale, is_causal=ctx.is_causal, key_valid=key_valid
+        )
+        numeric = underflow.flatten(2).any(-1)
+    dq, dk, dv = chained_attention_backward(
+        q, k, v, do, u1, v1, ctx.scale, is_causal=ctx.is_causal, kernels=ctx.kernels
+    )
+    return dq, dk, dv, numeric
 
 
 def chained_lowrank_attention(
@@ -364,8 +386,10 @@ def chained_lowrank_attention(
     """Exact attention forward, chained low-rank (approximate) backward: "exact model, approximate gradient".
 
     Shapes and masks as `scatterbrain_attention`. `threshold`: per (batch, key/value head) logit bound
-    tau * max|q| * max|k| above which that group's backward is exact (None: never). Fallbacks are
-    counted in `stats` (default: scatterattn.lora.GLOBAL_STATS). `factors="exact"` uses U1 = P,
+    tau * max|q| * max|k| above which that group's backward is exact (None: no threshold); groups
+    above it skip the chain. Independently of the threshold, groups whose random-feature normaliser
+    underflows (causal rows, very large logits) are computed exactly. Both are counted in `stats`
+    (default: scatterattn.lora.GLOBAL_STATS; `stats.numeric` counts the second kind). `factors="exact"` uses U1 = P,
     V1 = I (O(N S) memory; the chain is then the exact backward: a check of the algebra).
     `backend`: 'reference' (torch einsums), 'triton' (the Kronecker products as Triton kernels; fp16,
     bf16, fp32 inputs, CUDA or TRITON_INTERPRET=1) or 'auto' (Triton on CUDA, else reference).

