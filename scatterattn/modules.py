@@ -13,6 +13,10 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _RANDOM_BUFFERS = ("feature_matrix", "hash_projections")
 
 
+def _forget_host_steps(module, incompatible_keys) -> None:
+    module._host_steps = None
+
+
 class ScatterbrainAttention(nn.Module):
     """Scatterbrain attention core: forward(q, k, v) -> out, shapes as `scatterbrain_attention`.
 
@@ -68,6 +72,8 @@ class ScatterbrainAttention(nn.Module):
         features, projections = self._draw(0)
         self.register_buffer("feature_matrix", features)
         self.register_buffer("hash_projections", projections)
+        self._host_steps: int | None = None
+        self.register_load_state_dict_post_hook(_forget_host_steps)
 
     def _draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen_seed = (int(self.seed) + index * _GOLDEN) % (2**63)
@@ -89,11 +95,16 @@ class ScatterbrainAttention(nn.Module):
         self.hash_projections.copy_(projections.to(self.hash_projections.device))
 
     def _advance_schedule(self) -> None:
-        """Count a training-mode forward and redraw before every redraw_interval-th one."""
+        """Count a training-mode forward and redraw before every redraw_interval-th one.
+
+        The count lives in the `steps` buffer (state_dict); a host copy avoids reading the buffer
+        back from the GPU on every step (it is re-read once after load_state_dict)."""
         if self.training and self.redraw_interval:
-            if int(self.steps) > 0 and int(self.steps) % self.redraw_interval == 0:
+            steps = int(self.steps) if self._host_steps is None else self._host_steps
+            if steps > 0 and steps % self.redraw_interval == 0:
                 self.redraw()
             self.steps += 1
+            self._host_steps = steps + 1
 
     def forward(
         self,
