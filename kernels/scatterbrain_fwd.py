@@ -144,7 +144,6 @@ def sparse_lowrank_fwd_kernel(
     row = row_lr
 
     for k0 in range(0, TK, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
         kj, k_ok, k, v = load_key_chunk(
             K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
             KEY_VALID + b * stride_valid_b, k_base, v_base, stride_kn, stride_vn, D, DV,

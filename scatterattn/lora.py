@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import reference, triton_backend
-from .features import draw_feature_matrix, effective_feature_matrix, feature_logits, make_generator
+from .features import draw_feature_matrix, effective_feature_matrix, make_generator
 from .functional import default_scale, validate_qkv
 from .modules import ScatterbrainAttention
 
@@ -100,13 +100,7 @@ def random_feature_factors(q, k, feature_matrix, scale, *, is_causal=False, key_
     (huge values, inf - inf); the backward computes those groups exactly instead.
     """
     root = math.sqrt(scale)
-    w = feature_matrix.to(device=q.device, dtype=q.dtype)
-    lk = feature_logits(k * root, w)
-    if key_valid is not None:
-        lk = lk.masked_fill(~key_valid[:, None, :, None], float("-inf"))
-    g = reference._finite_or_zero(lk.amax(-2, keepdim=True))
-    v1 = torch.exp(lk - g)
-    lq = feature_logits(q * root, w) + g.unsqueeze(2)
+    lq, v1 = reference.stabilised_features(q * root, k * root, feature_matrix, key_valid)
     p = torch.exp(lq - lq.amax(-1, keepdim=True))
     if is_causal:
         n_q = q.shape[-2]
@@ -301,7 +295,7 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
         query, key, value, feature_matrix = ctx.saved_tensors
         scale, is_causal, key_valid = ctx.scale, ctx.is_causal, ctx.key_valid
         batch, heads, n_q, dim = query.shape
-        kv_heads, n_k, v_dim = key.shape[1], key.shape[2], value.shape[-1]
+        kv_heads, v_dim = key.shape[1], value.shape[-1]
         group = heads // kv_heads
         bound = logit_bound(query, key, scale, key_valid)  # (B, Hkv)
         over = bound > ctx.threshold if ctx.threshold is not None else torch.zeros_like(bound, dtype=torch.bool)
@@ -345,7 +339,8 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
             dk[b_idx, h_idx] = gk.squeeze(1).to(dk.dtype)
             dv[b_idx, h_idx] = gv.squeeze(1).to(dv.dtype)
         if ctx.stats is not None:
-            ctx.stats.record(bound.numel() - n_exact, n_exact, float(bound.max()), numeric=int(numeric.sum()))
+            max_bound, n_numeric = torch.stack([bound.max(), numeric.sum().to(bound.dtype)]).tolist()  # one sync
+            ctx.stats.record(bound.numel() - n_exact, n_exact, max_bound, numeric=int(n_numeric))
         return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None, None, None, None, None, None
 
 

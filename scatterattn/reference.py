@@ -103,7 +103,7 @@ def scatterbrain_reference(
     if feature_matrix is None and plan is None:
         raise ValueError("scatterbrain_reference needs a feature_matrix, a plan, or both")
     batch, heads, n_q, dim = query.shape
-    kv_heads, n_k = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     group = heads // kv_heads
     cd = compute_dtype(query.dtype)
     root_scale = math.sqrt(scale)
@@ -114,14 +114,7 @@ def scatterbrain_reference(
     # Row stabiliser slots have one extra entry (index n_q) for empty tile slots.
     row_max = q.new_full((batch, kv_heads, group, n_q + 1), float("-inf"))
     if feature_matrix is not None:
-        w = feature_matrix.to(device=q.device, dtype=cd)
-        q_logits = feature_logits(q, w)  # (B, Hkv, G, N, m)
-        k_logits = feature_logits(k, w)  # (B, Hkv, S, m)
-        if key_valid is not None:
-            k_logits = k_logits.masked_fill(~key_valid[:, None, :, None], float("-inf"))
-        key_shift = _finite_or_zero(k_logits.detach().amax(dim=-2, keepdim=True))
-        phi_k = torch.exp(k_logits - key_shift)  # <= 1; masked keys are 0
-        q_logits = q_logits + key_shift.unsqueeze(2)
+        q_logits, phi_k = stabilised_features(q, k, feature_matrix, key_valid)
         row_max[..., :n_q] = q_logits.detach().amax(-1)
 
     if plan is not None:
@@ -166,6 +159,22 @@ def scatterbrain_reference(
 
     out = num[..., :n_q, :] / _safe_den(den[..., :n_q]).unsqueeze(-1)
     return out.reshape(batch, heads, n_q, v_dim).to(query.dtype)
+
+
+def stabilised_features(q, k, feature_matrix, key_valid=None):
+    """Key features and shifted query feature logits with the per-feature key stabiliser g.
+
+    q (B, Hkv, G, N, D), k (B, Hkv, S, D), already scaled by sqrt(tau); feature_matrix (m, D).
+    Returns q_logits (B, Hkv, G, N, m) = l(q) + g and phi_k (B, Hkv, S, m) = exp(l(k) - g) <= 1
+    (0 for masked keys), g_f = max over real keys of l(k)_f (no gradient); so that
+    exp(q_logits - r) . phi_k = exp(-r) sum_f exp(l(q)_f + l(k)_f) for any row constant r.
+    """
+    w = feature_matrix.to(device=q.device, dtype=q.dtype)
+    k_logits = feature_logits(k, w)
+    if key_valid is not None:
+        k_logits = k_logits.masked_fill(~key_valid[:, None, :, None], float("-inf"))
+    key_shift = _finite_or_zero(k_logits.detach().amax(dim=-2, keepdim=True))
+    return feature_logits(q, w) + key_shift.unsqueeze(2), torch.exp(k_logits - key_shift)
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
