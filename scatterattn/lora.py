@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import reference, triton_backend
-from .features import draw_feature_matrix, effective_feature_matrix, make_generator
-from .functional import default_scale, validate_qkv
+from .config import ScatterbrainConfig
+from .features import effective_feature_matrix, make_generator
+from .functional import default_scale, draw_random_parameters, validate_qkv
 from .modules import ScatterbrainAttention
+from .sparsity import local_plan, lsh_plan
 
 DEFAULT_THRESHOLD = 2.0  # logit bound: ~20% gradient error at m = 256 (bench/results/phase_transition.md)
 ROW_BLOCK = 256  # rows per block when contracting with the (m, Dv, D) middle factors
@@ -46,13 +48,15 @@ class ChainedGradientStats:
     approximate: int = 0
     fallback: int = 0  # all exact groups: above the threshold, or numeric (below)
     numeric: int = 0  # of which: below the threshold, but the factors underflowed
+    sparse: int = 0  # of the approximate groups: the sparse-corrected chain (above `threshold`)
     max_logit_bound: float = 0.0
     history: list = field(default_factory=list)  # per backward: (approximate, fallback)
 
-    def record(self, approximate: int, fallback: int, bound: float, numeric: int = 0) -> None:
+    def record(self, approximate: int, fallback: int, bound: float, numeric: int = 0, sparse: int = 0) -> None:
         self.approximate += approximate
         self.fallback += fallback
         self.numeric += numeric
+        self.sparse += sparse
         self.max_logit_bound = max(self.max_logit_bound, bound)
         self.history.append((approximate, fallback))
 
@@ -62,7 +66,7 @@ class ChainedGradientStats:
         return self.fallback / total if total else 0.0
 
     def reset(self) -> None:
-        self.approximate = self.fallback = self.numeric = 0
+        self.approximate = self.fallback = self.numeric = self.sparse = 0
         self.max_logit_bound = 0.0
         self.history.clear()
 
@@ -74,7 +78,7 @@ def logit_bound(query: torch.Tensor, key: torch.Tensor, scale: float, key_valid=
     """(B, Hkv): tau * max_i |q_i| * max_j |k_j| over each key/value head's query group, an upper
     bound on |s_ij|. The random-feature variance grows like exp(|q~ + k~|^2) / m, so this is the
     quantity the threshold is applied to."""
-    batch, heads, n_q, _ = query.shape
+    batch = query.shape[0]
     kv_heads = key.shape[1]
     q_norm = query.detach().float().norm(dim=-1).reshape(batch, kv_heads, -1).amax(-1)
     k_norm = key.detach().float().norm(dim=-1)
@@ -102,13 +106,7 @@ def random_feature_factors(q, k, feature_matrix, scale, *, is_causal=False, key_
     root = math.sqrt(scale)
     lq, v1 = reference.stabilised_features(q * root, k * root, feature_matrix, key_valid)
     p = torch.exp(lq - lq.amax(-1, keepdim=True))
-    if is_causal:
-        n_q = q.shape[-2]
-        prefix = torch.cumsum(v1, dim=-2)  # (B, Hkv, S, m): z_i = sum_{j <= i} V1_j
-        prefix = torch.nn.functional.pad(prefix, (0, 0, 0, max(0, n_q - prefix.shape[-2])), mode="replicate")
-        den = (p * prefix[..., :n_q, :].unsqueeze(2)).sum(-1, keepdim=True)
-    else:
-        den = p @ v1.sum(-2).unsqueeze(2).unsqueeze(-1)
+    den = _low_rank_den(p, v1, is_causal).unsqueeze(-1)
     has_keys = _rows_with_keys(q.shape, k.shape[-2], is_causal, key_valid, q.device)
     underflow = has_keys & (den.squeeze(-1) < torch.finfo(den.dtype).tiny ** 0.5)
     u1 = p / torch.where(underflow.unsqueeze(-1), 1.0, reference._safe_den(den))
@@ -125,6 +123,64 @@ def _rows_with_keys(q_shape, n_k, is_causal, key_valid, device):
     seen = torch.cumsum(key_valid.long(), dim=-1)  # real keys among 0 .. j
     idx = torch.arange(n_q, device=device).clamp_max(n_k - 1)
     return (seen[:, idx] > 0)[:, None, None, :]
+
+
+@dataclass
+class SparseCorrection:
+    """The sparse part of a sparse-corrected factorisation f~ = U1 V1^T + C~ (compute layout).
+
+    tiles: the `reference.SparseTiles` of the support; weights (B, Hkv, G, R, T, tq, tk):
+    C~_ij = (exp(s_ij - r_i) - P_i . V1_j) / D~_i on support pairs, 0 elsewhere.
+    """
+
+    tiles: reference.SparseTiles
+    weights: torch.Tensor
+
+
+def sparse_corrected_factors(q, k, feature_matrix, scale, plan, *, is_causal=False, key_valid=None):
+    """U1, V1 and the sparse correction C~ with f~ = U1 V1^T + C~ = Scatterbrain's attention matrix.
+
+    Shapes as `random_feature_factors`; plan: the `SparsePlan` of these (B, Hkv * G) query heads.
+    f~_ij = exp(s_ij) / D~_i on the support (exact) and phi(q~_i) . phi(k~_j) / D~_i elsewhere, with
+    D~ its row sums, stabilised as `scatterattn.reference.scatterbrain_reference` (row constant
+    r_i = max(feature maximum, support maximum)). Also returns `underflow`, as `random_feature_factors`.
+    """
+    root = math.sqrt(scale)
+    qs, ks = q * root, k * root
+    lq, v1 = reference.stabilised_features(qs, ks, feature_matrix, key_valid)
+    tiles = reference.SparseTiles(qs, ks, plan, is_causal=is_causal, key_valid=key_valid)
+    scores = tiles.scores.masked_fill(~tiles.mask, float("-inf"))
+    n_q = q.shape[-2]
+    row_max = torch.nn.functional.pad(lq.amax(-1), (0, 1), value=float("-inf"))
+    row_max = row_max.scatter_reduce(-1, tiles.q_flat, scores.amax(-1).flatten(3), reduce="amax")
+    row_max = reference._finite_or_zero(row_max)  # (B, Hkv, G, N + 1); slot N for empty tile slots
+    p = torch.exp(lq - row_max[..., :n_q, None])
+    exact = torch.exp(scores - tiles.take_rows(row_max.unsqueeze(-1)))  # 0 off the support
+    low_rank = torch.einsum(
+        "bhgrtqm,bhxrtkm->bhgrtqk",
+        tiles.take_rows(torch.nn.functional.pad(p, (0, 0, 0, 1))),
+        tiles.take_keys(torch.nn.functional.pad(v1, (0, 0, 0, 1))),
+    )
+    correction = exact - low_rank * tiles.mask
+    den = torch.nn.functional.pad(_low_rank_den(p, v1, is_causal), (0, 1))
+    den = den.scatter_add(-1, tiles.q_flat, correction.sum(-1).flatten(3))
+    has_keys = _rows_with_keys(q.shape, k.shape[-2], is_causal, key_valid, q.device)
+    underflow = has_keys & (den[..., :n_q] < torch.finfo(den.dtype).tiny ** 0.5)
+    safe = reference._safe_den(den)
+    safe[..., :n_q] = torch.where(underflow, 1.0, safe[..., :n_q])
+    u1 = p / safe[..., :n_q, None]
+    weights = correction / tiles.take_rows(safe.unsqueeze(-1))
+    return u1, v1, SparseCorrection(tiles, weights), underflow
+
+
+def _low_rank_den(p, v1, is_causal):
+    """(B, Hkv, G, N): sum over the allowed keys j of P_i . V1_j (prefix sums when causal)."""
+    n_q = p.shape[-2]
+    if not is_causal:
+        return (p @ v1.sum(-2).unsqueeze(2).unsqueeze(-1)).squeeze(-1)
+    prefix = torch.cumsum(v1, dim=-2)  # (B, Hkv, S, m): z_i = sum_{j <= i} V1_j
+    prefix = torch.nn.functional.pad(prefix, (0, 0, 0, max(0, n_q - prefix.shape[-2])), mode="replicate")
+    return (p * prefix[..., :n_q, :].unsqueeze(2)).sum(-1)
 
 
 def exact_factors(q, k, scale, *, is_causal=False, key_valid=None):
@@ -144,19 +200,22 @@ def exact_factors(q, k, scale, *, is_causal=False, key_valid=None):
 # ----------------------------------------------------------------------------- the chain
 
 
-def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=False, kernels=False):
+def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=False, kernels=False, rho=None):
     """(dq, dk, dv) of attention for f = U1 V1^T (masked causally when is_causal), in O(N m D Dv).
 
     q (B, Hkv, G, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), grad_out (B, Hkv, G, N, Dv),
     u1 (B, Hkv, G, N, m), v1 (B, Hkv, S, m). Padded keys must have V1 rows of zero. With exact
     factors (U1 = P, V1 = I) this is the exact attention backward. kernels=True computes the two
     Kronecker products with the Triton kernels of scatterattn.kernels.chained_grad (fp32).
+    rho (B, Hkv, G, N, 1): dO_i . O~_i when f~ has more than this low-rank part (the sparse
+    correction); by default computed from O~ = U1 V1^T V.
     """
     gram, rows = _kron_ops(kernels)
     if is_causal:
-        return _chain_causal(q, k, v, grad_out, u1, v1, scale, gram=gram, rows=rows)
-    o_tilde = u1 @ (v1.transpose(-1, -2) @ v).unsqueeze(2)
-    rho = (grad_out * o_tilde).sum(-1, keepdim=True)
+        return _chain_causal(q, k, v, grad_out, u1, v1, scale, gram=gram, rows=rows, rho=rho)
+    if rho is None:
+        o_tilde = u1 @ (v1.transpose(-1, -2) @ v).unsqueeze(2)
+        rho = (grad_out * o_tilde).sum(-1, keepdim=True)
     m1 = gram(v1, v, k)  # (V1 (x) V)^T K: (B, Hkv, m, Dv, D)
     v1k = (v1.transpose(-1, -2) @ k).unsqueeze(2)  # V1^T K: (m, D)
     dq = torch.cat(
@@ -175,6 +234,52 @@ def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=Fa
     u1_rho_q = torch.einsum("bhgna,bhgnd->bhad", u1, rho * q)  # U1^T diag(rho) Q, summed over G
     dk = scale * (dk - v1 @ u1_rho_q)
     dv = v1 @ torch.einsum("bhgna,bhgne->bhae", u1, grad_out)
+    return dq, dk, dv
+
+
+def sparse_corrected_backward(q, k, v, grad_out, u1, v1, correction, scale, *, is_causal=False, kernels=False):
+    """(dq, dk, dv) of attention for f~ = U1 V1^T + C~ (`sparse_corrected_factors`).
+
+    The low-rank part goes through the chain (O(N m D Dv)); the correction adds, on the support only
+    (O(nnz D)), dS_ij = C~_ij (dO_i . v_j - rho~_i) to dq, dk and C~_ij dO_i to dv, with
+    rho~_i = dO_i . O~_i over the whole f~, so that rows of dS~ still sum to zero.
+    """
+    tiles, weights = correction.tiles, correction.weights
+    n_q, n_k = q.shape[-2], k.shape[-2]
+
+    def rows_of(x):  # (B, Hkv, G, N, F) -> tiles
+        return tiles.take_rows(torch.nn.functional.pad(x, (0, 0, 0, 1)))
+
+    def keys_of(x):  # (B, Hkv, S, F) -> tiles
+        return tiles.take_keys(torch.nn.functional.pad(x, (0, 0, 0, 1)))
+
+    def add_rows(out_rows, tile_values):  # scatter (B, Hkv, G, R, T, tq, F) into (B, Hkv, G, N, F)
+        width = tile_values.shape[-1]
+        index = tiles.q_flat.unsqueeze(-1).expand(-1, -1, -1, -1, width)
+        padded = torch.nn.functional.pad(out_rows, (0, 0, 0, 1))
+        return padded.scatter_add(-2, index, tile_values.flatten(3, 5))[..., :n_q, :]
+
+    def add_keys(out_keys, tile_values):  # scatter (B, Hkv, R, T, tk, F) into (B, Hkv, S, F)
+        width = tile_values.shape[-1]
+        index = tiles.k_flat.squeeze(2).unsqueeze(-1).expand(-1, -1, -1, width)
+        padded = torch.nn.functional.pad(out_keys, (0, 0, 0, 1))
+        return padded.scatter_add(-2, index, tile_values.flatten(2, 4))[..., :n_k, :]
+
+    v_tiles, do_tiles = keys_of(v), rows_of(grad_out)
+    if is_causal:
+        o_low_rank = reference._causal_low_rank(u1, v1, v)[0]
+    else:
+        o_low_rank = u1 @ (v1.transpose(-1, -2) @ v).unsqueeze(2)
+    o_tilde = add_rows(o_low_rank, torch.einsum("bhgrtqk,bhxrtkd->bhgrtqd", weights, v_tiles))
+    rho = (grad_out * o_tilde).sum(-1, keepdim=True)
+    dq, dk, dv = chained_attention_backward(
+        q, k, v, grad_out, u1, v1, scale, is_causal=is_causal, kernels=kernels, rho=rho
+    )
+    d_p = torch.einsum("bhgrtqd,bhxrtkd->bhgrtqk", do_tiles, v_tiles)
+    d_s = weights * (d_p - rows_of(rho))
+    dq = dq + scale * add_rows(torch.zeros_like(q), torch.einsum("bhgrtqk,bhxrtkd->bhgrtqd", d_s, keys_of(k)))
+    dk = dk + scale * add_keys(torch.zeros_like(k), torch.einsum("bhgrtqk,bhgrtqd->bhrtkd", d_s, rows_of(q)))
+    dv = dv + add_keys(torch.zeros_like(v), torch.einsum("bhgrtqk,bhgrtqd->bhrtkd", weights, do_tiles))
     return dq, dk, dv
 
 
@@ -209,9 +314,10 @@ def _kron_rows(a, b, middle):
     return torch.einsum("...na,...ne,...aed->...nd", a, b, middle)
 
 
-def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chunk=CAUSAL_CHUNK):
+def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chunk=CAUSAL_CHUNK, rho=None):
     """Causal chain (key j visible to query i when j <= i): exact products inside a chunk, running
-    prefix states (forward in i) for dq and suffix states (backward in j) for dk, dv."""
+    prefix states (forward in i) for dq and suffix states (backward in j) for dk, dv. rho: as
+    `chained_attention_backward` (None: from the low-rank O~)."""
     n_q, n_k = q.shape[-2], k.shape[-2]
     length = math.ceil(max(n_q, n_k) / chunk) * chunk
 
@@ -219,9 +325,10 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chu
         return torch.nn.functional.pad(x, (0, 0, 0, length - n))
 
     q_, do_, u1_ = pad_rows(q, n_q), pad_rows(grad_out, n_q), pad_rows(u1, n_q)
+    rho_ = None if rho is None else pad_rows(rho, n_q)
     k_, v_, v1_ = pad_rows(k, n_k), pad_rows(v, n_k), pad_rows(v1, n_k)
     tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    batch, kv_heads, group = q.shape[:3]
+    batch, kv_heads = q.shape[:2]
     m, dim, v_dim = u1.shape[-1], q.shape[-1], v.shape[-1]
     state_m1 = q.new_zeros(batch, kv_heads, 1, m, v_dim, dim)
     state_v1k = q.new_zeros(batch, kv_heads, 1, m, dim)
@@ -231,8 +338,11 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chu
         sl = slice(c0, c0 + chunk)
         u, do, kc, vc, v1c = u1_[..., sl, :], do_[..., sl, :], k_[..., sl, :], v_[..., sl, :], v1_[..., sl, :]
         f = (u @ v1c.unsqueeze(2).transpose(-1, -2)) * tril  # (B, Hkv, G, L, L)
-        o_tilde = u @ state_v1v + f @ vc.unsqueeze(2)
-        rho = (do * o_tilde).sum(-1, keepdim=True)
+        if rho_ is None:
+            o_tilde = u @ state_v1v + f @ vc.unsqueeze(2)
+            rho = (do * o_tilde).sum(-1, keepdim=True)
+        else:
+            rho = rho_[..., sl, :]
         p = f * (do @ vc.unsqueeze(2).transpose(-1, -2)) - rho * f  # intra-chunk dS
         dq = rows(u, do, state_m1) - rho * (u @ state_v1k) + p @ kc.unsqueeze(2)
         dq_chunks.append(scale * dq)
@@ -278,53 +388,73 @@ def exact_attention(query, key, value, *, scale, is_causal, key_valid):
     return reference.dense_attention(query, key, value, scale=scale, is_causal=is_causal, key_valid=key_valid)
 
 
+@dataclass(frozen=True)
+class ChainSettings:
+    """Non-tensor settings of one chained-gradient call (and the LSH projections, which take no
+    gradient). sparse: the support of the sparse-corrected chain, or None for no such tier."""
+
+    scale: float
+    is_causal: bool
+    key_valid: torch.Tensor | None
+    threshold: float | None
+    sparse_threshold: float | None
+    stats: ChainedGradientStats | None
+    exact_factors: bool
+    kernels: bool
+    sparse: ScatterbrainConfig | None = None
+    hash_projections: torch.Tensor | None = None
+
+    def tiers(self, bound: torch.Tensor):
+        """(plain, corrected) bool (B, Hkv): groups for the plain chain (bound <= threshold) and for
+        the sparse-corrected chain (threshold < bound <= sparse_threshold); the rest is exact."""
+        plain = torch.ones_like(bound, dtype=torch.bool) if self.threshold is None else bound <= self.threshold
+        corrected = torch.zeros_like(plain)
+        if self.sparse is not None:
+            corrected = ~plain
+            if self.sparse_threshold is not None:
+                corrected = corrected & (bound <= self.sparse_threshold)
+        return plain, corrected
+
+
 class ChainedLowRankAttentionFunction(torch.autograd.Function):
-    """Exact forward; backward by the chained low-rank approximation, per group with an exact fallback."""
+    """Exact forward; backward by the chained low-rank approximation, per group in three tiers:
+    plain chain, sparse-corrected chain, exact."""
 
     @staticmethod
-    def forward(ctx, query, key, value, feature_matrix, scale, is_causal, key_valid, threshold, stats, exact_factors,
-                kernels):
-        out = exact_attention(query, key, value, scale=scale, is_causal=is_causal, key_valid=key_valid)
+    def forward(ctx, query, key, value, feature_matrix, settings: ChainSettings):
+        out = exact_attention(query, key, value, scale=settings.scale, is_causal=settings.is_causal,
+                              key_valid=settings.key_valid)
         ctx.save_for_backward(query, key, value, feature_matrix)
-        ctx.scale, ctx.is_causal, ctx.key_valid = scale, is_causal, key_valid
-        ctx.threshold, ctx.stats, ctx.exact_factors, ctx.kernels = threshold, stats, exact_factors, kernels
+        ctx.settings = settings
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, feature_matrix = ctx.saved_tensors
-        scale, is_causal, key_valid = ctx.scale, ctx.is_causal, ctx.key_valid
+        st: ChainSettings = ctx.settings
         batch, heads, n_q, dim = query.shape
         kv_heads, v_dim = key.shape[1], value.shape[-1]
         group = heads // kv_heads
-        bound = logit_bound(query, key, scale, key_valid)  # (B, Hkv)
-        over = bound > ctx.threshold if ctx.threshold is not None else torch.zeros_like(bound, dtype=torch.bool)
+        bound = logit_bound(query, key, st.scale, st.key_valid)  # (B, Hkv)
+        plain, corrected = st.tiers(bound)
 
         cd = reference.compute_dtype(query.dtype)
         q = query.detach().to(cd).reshape(batch, kv_heads, group, n_q, dim)
         k, v = key.detach().to(cd), value.detach().to(cd)
         do = grad_out.to(cd).reshape(batch, kv_heads, group, n_q, v_dim)
-        dq = torch.zeros_like(q)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        exact_groups = over.clone()
-        numeric = torch.zeros_like(over)
-        b_c, h_c = (~over).nonzero(as_tuple=True)  # groups for the chain (none above the threshold)
-        if len(b_c) == batch * kv_heads:  # all of them: no gather
-            dq, dk, dv, numeric = _chain_groups(ctx, q, k, v, do, feature_matrix, key_valid)
-            exact_groups = numeric
-        elif len(b_c):
-            kv_sel = None if key_valid is None else key_valid[b_c]
-            g_dq, g_dk, g_dv, g_numeric = _chain_groups(
-                ctx, q[b_c, h_c].unsqueeze(1), k[b_c, h_c].unsqueeze(1), v[b_c, h_c].unsqueeze(1),
-                do[b_c, h_c].unsqueeze(1), feature_matrix, kv_sel,
-            )
-            dq[b_c, h_c], dk[b_c, h_c], dv[b_c, h_c] = g_dq[:, 0], g_dk[:, 0], g_dv[:, 0]
-            numeric[b_c, h_c] = g_numeric[:, 0]
-            exact_groups = over | numeric
+        grads = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
+        numeric = torch.zeros_like(plain)
+        for tier, method in ((plain, _chain_groups), (corrected, _sparse_chain_groups)):
+            _run_groups(tier, method, st, (q, k, v, do), feature_matrix, grads, numeric)
+        dq, dk, dv = grads
         dq = dq.reshape(batch, heads, n_q, dim)
 
-        n_exact = int(exact_groups.sum())
+        exact_groups = ~(plain | corrected) | numeric
+        n_exact, max_bound, n_numeric, n_sparse = torch.stack(  # one host sync
+            [exact_groups.sum(), bound.max(), numeric.sum(), (corrected & ~numeric).sum()]
+        ).tolist()
         if n_exact:
+            n_exact = int(n_exact)
             b_idx, h_idx = exact_groups.nonzero(as_tuple=True)
             head_idx = (h_idx[:, None] * group + torch.arange(group, device=h_idx.device)).reshape(-1)
             b_rep = b_idx.repeat_interleave(group)
@@ -332,32 +462,74 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
                 qs = query.detach()[b_rep, head_idx].reshape(n_exact, group, n_q, dim).requires_grad_()
                 ks = key.detach()[b_idx, h_idx].unsqueeze(1).requires_grad_()
                 vs = value.detach()[b_idx, h_idx].unsqueeze(1).requires_grad_()
-                kv_mask = None if key_valid is None else key_valid[b_idx]
-                out = exact_attention(qs, ks, vs, scale=scale, is_causal=is_causal, key_valid=kv_mask)
+                kv_mask = None if st.key_valid is None else st.key_valid[b_idx]
+                out = exact_attention(qs, ks, vs, scale=st.scale, is_causal=st.is_causal, key_valid=kv_mask)
                 gq, gk, gv = torch.autograd.grad(out, (qs, ks, vs), grad_out[b_rep, head_idx].reshape(out.shape))
             dq[b_rep, head_idx] = gq.reshape(-1, n_q, dim).to(dq.dtype)
             dk[b_idx, h_idx] = gk.squeeze(1).to(dk.dtype)
             dv[b_idx, h_idx] = gv.squeeze(1).to(dv.dtype)
-        if ctx.stats is not None:
-            max_bound, n_numeric = torch.stack([bound.max(), numeric.sum().to(bound.dtype)]).tolist()  # one sync
-            ctx.stats.record(bound.numel() - n_exact, n_exact, max_bound, numeric=int(n_numeric))
-        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None, None, None, None, None, None
+        if st.stats is not None:
+            st.stats.record(bound.numel() - int(n_exact), int(n_exact), max_bound, numeric=int(n_numeric),
+                            sparse=int(n_sparse))
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None
 
 
-def _chain_groups(ctx, q, k, v, do, feature_matrix, key_valid):
-    """The chain for the given groups (compute layout); also which groups' factors underflowed."""
-    if ctx.exact_factors:
-        u1, v1 = exact_factors(q, k, ctx.scale, is_causal=ctx.is_causal, key_valid=key_valid)
+def _run_groups(tier, method, st, tensors, feature_matrix, grads, numeric):
+    """Run `method` on the (batch, kv-head) groups selected by `tier` (B, Hkv) and write their
+    gradients into grads = [dq, dk, dv] and their underflow flags into `numeric`, in place."""
+    b_c, h_c = tier.nonzero(as_tuple=True)
+    if not len(b_c):
+        return
+    q, k, v, do = tensors
+    if len(b_c) == tier.numel():  # every group: no gather
+        results = method(st, q, k, v, do, feature_matrix, st.key_valid)
+        for grad, result in zip(grads, results[:3]):
+            grad.copy_(result)
+        numeric |= results[3]
+        return
+    kv_sel = None if st.key_valid is None else st.key_valid[b_c]
+    results = method(st, *(x[b_c, h_c].unsqueeze(1) for x in tensors), feature_matrix, kv_sel)
+    for grad, result in zip(grads, results[:3]):
+        grad[b_c, h_c] = result[:, 0]
+    numeric[b_c, h_c] = results[3][:, 0]
+
+
+def _chain_groups(st, q, k, v, do, feature_matrix, key_valid):
+    """The plain chain for the given groups (compute layout); also which groups' factors underflowed."""
+    if st.exact_factors:
+        u1, v1 = exact_factors(q, k, st.scale, is_causal=st.is_causal, key_valid=key_valid)
         numeric = torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)
     else:
         u1, v1, underflow = random_feature_factors(
-            q, k, feature_matrix, ctx.scale, is_causal=ctx.is_causal, key_valid=key_valid
+            q, k, feature_matrix, st.scale, is_causal=st.is_causal, key_valid=key_valid
         )
         numeric = underflow.flatten(2).any(-1)
-    dq, dk, dv = chained_attention_backward(
-        q, k, v, do, u1, v1, ctx.scale, is_causal=ctx.is_causal, kernels=ctx.kernels
-    )
+    dq, dk, dv = chained_attention_backward(q, k, v, do, u1, v1, st.scale, is_causal=st.is_causal, kernels=st.kernels)
     return dq, dk, dv, numeric
+
+
+def _sparse_chain_groups(st, q, k, v, do, feature_matrix, key_valid):
+    """The sparse-corrected chain for the given groups: build their support, factor, chain."""
+    batch, kv_heads, group, n_q, dim = q.shape
+    if st.sparse.sparse == "lsh":
+        plan = lsh_plan(q.reshape(batch, kv_heads * group, n_q, dim), k, bucket_size=st.sparse.bucket_size,
+                        hash_projections=st.hash_projections, key_valid=key_valid)
+    else:
+        plan = local_plan(n_q, k.shape[-2], window=st.sparse.window, device=q.device)
+    u1, v1, correction, underflow = sparse_corrected_factors(
+        q, k, feature_matrix, st.scale, plan, is_causal=st.is_causal, key_valid=key_valid
+    )
+    dq, dk, dv = sparse_corrected_backward(
+        q, k, v, do, u1, v1, correction, st.scale, is_causal=st.is_causal, kernels=st.kernels
+    )
+    return dq, dk, dv, underflow.flatten(2).any(-1)
+
+
+def _check_threshold(name: str, value) -> None:
+    if value is not None and not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and math.isfinite(value)
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
 
 
 def chained_lowrank_attention(
@@ -371,7 +543,13 @@ def chained_lowrank_attention(
     num_features: int = 256,
     feature_type: str = "positive",
     threshold: float | None = DEFAULT_THRESHOLD,
+    sparse: str = "none",
+    bucket_size: int = 128,
+    n_hashes: int = 1,
+    window: int = 128,
+    sparse_threshold: float | None = None,
     feature_matrix: torch.Tensor | None = None,
+    hash_projections: torch.Tensor | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     stats: ChainedGradientStats | None = GLOBAL_STATS,
@@ -380,14 +558,22 @@ def chained_lowrank_attention(
 ) -> torch.Tensor:
     """Exact attention forward, chained low-rank (approximate) backward: "exact model, approximate gradient".
 
-    Shapes and masks as `scatterbrain_attention`. `threshold`: per (batch, key/value head) logit bound
-    tau * max|q| * max|k| above which that group's backward is exact (None: no threshold); groups
-    above it skip the chain. Independently of the threshold, groups whose random-feature normaliser
-    underflows (causal rows, very large logits) are computed exactly. Both are counted in `stats`
-    (default: scatterattn.lora.GLOBAL_STATS; `stats.numeric` counts the second kind). `factors="exact"` uses U1 = P,
-    V1 = I (O(N S) memory; the chain is then the exact backward: a check of the algebra).
-    `backend`: 'reference' (torch einsums), 'triton' (the Kronecker products as Triton kernels; fp16,
-    bf16, fp32 inputs, CUDA or TRITON_INTERPRET=1) or 'auto' (Triton on CUDA, else reference).
+    Shapes and masks as `scatterbrain_attention`. Per (batch, key/value head) group the backward
+    measures the logit bound tau * max|q| * max|k| and picks one of three tiers:
+      * bound <= `threshold` (None: always): the plain chain, rank-m random-feature factors;
+      * above it, when `sparse` is 'lsh' or 'local': the sparse-corrected chain, whose attention
+        matrix is Scatterbrain's (exact exp(s) on the support: LSH buckets of `bucket_size` keys,
+        `n_hashes` rounds, or a local `window`; random features elsewhere), up to `sparse_threshold`
+        (None: no limit); threshold=0 sends every group there;
+      * otherwise the exact backward.
+    Independently, groups whose factor normaliser underflows (causal rows, very large logits) are
+    computed exactly. Counted in `stats` (default scatterattn.lora.GLOBAL_STATS): `fallback` exact
+    groups, of which `numeric` by underflow; `approximate` chained groups, of which `sparse` corrected.
+    `factors="exact"` uses U1 = P, V1 = I (O(N S) memory; the chain is then the exact backward: a
+    check of the algebra). Random parameters as `scatterbrain_attention` (the same seed draws the
+    same feature matrix and hash projections). `backend`: 'reference' (torch einsums), 'triton' (the
+    Kronecker products as Triton kernels; fp16, bf16, fp32 inputs, CUDA or TRITON_INTERPRET=1) or
+    'auto' (Triton on CUDA, else reference); the sparse correction is torch gathers either way.
     """
     kernels = _use_kernels(backend, query)
     if factors not in ("random", "exact"):
@@ -395,19 +581,36 @@ def chained_lowrank_attention(
     validate_qkv(query, key, value, key_padding_mask, scale)
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features must be an int >= 1 for the chained gradient, got {num_features!r}")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
-        raise ValueError(f"threshold must be a positive finite number or None, got {threshold!r}")
+    config = ScatterbrainConfig(num_features=num_features, feature_type=feature_type, sparse=sparse,
+                                bucket_size=bucket_size, n_hashes=n_hashes, window=window)
+    _check_threshold("threshold", threshold)
+    _check_threshold("sparse_threshold", sparse_threshold)
+    if sparse_threshold is not None and sparse == "none":
+        raise ValueError("sparse_threshold needs a sparse support (sparse='lsh' or 'local')")
+    if sparse_threshold is not None and threshold is not None and sparse_threshold < threshold:
+        raise ValueError(f"sparse_threshold ({sparse_threshold}) must be >= threshold ({threshold})")
+    if factors == "exact" and sparse != "none":
+        raise ValueError("factors='exact' (a check of the algebra) takes no sparse correction; use sparse='none'")
     dim = query.shape[-1]
-    if feature_matrix is None:
-        feature_matrix = draw_feature_matrix(num_features, dim, generator=generator or make_generator(seed))
+    if feature_matrix is None or (sparse == "lsh" and hash_projections is None):
+        drawn_features, drawn_projections = draw_random_parameters(
+            config, dim, generator=generator or make_generator(seed)
+        )
+        feature_matrix = drawn_features if feature_matrix is None else feature_matrix
+        hash_projections = drawn_projections if hash_projections is None else hash_projections
     if tuple(feature_matrix.shape) != (num_features, dim):
         raise ValueError(f"feature_matrix must have shape {(num_features, dim)}, got {tuple(feature_matrix.shape)}")
+    if sparse == "lsh" and tuple(hash_projections.shape) != (n_hashes, dim + 2):
+        raise ValueError(f"hash_projections must have shape {(n_hashes, dim + 2)}, got {tuple(hash_projections.shape)}")
     w = effective_feature_matrix(feature_matrix.to(device=query.device, dtype=torch.float32), feature_type)
-    key_valid = None if key_padding_mask is None else ~key_padding_mask
-    return ChainedLowRankAttentionFunction.apply(
-        query, key, value, w, default_scale(scale, dim), bool(is_causal), key_valid, threshold, stats,
-        factors == "exact", kernels,
+    settings = ChainSettings(
+        scale=default_scale(scale, dim), is_causal=bool(is_causal),
+        key_valid=None if key_padding_mask is None else ~key_padding_mask, threshold=threshold,
+        sparse_threshold=sparse_threshold, stats=stats, exact_factors=factors == "exact", kernels=kernels,
+        sparse=None if sparse == "none" else config,
+        hash_projections=hash_projections if sparse == "lsh" else None,
     )
+    return ChainedLowRankAttentionFunction.apply(query, key, value, w, settings)
 
 
 def _use_kernels(backend: str, query: torch.Tensor) -> bool:
@@ -424,21 +627,24 @@ def _use_kernels(backend: str, query: torch.Tensor) -> bool:
 class ChainedLowRankAttention(ScatterbrainAttention):
     """Module form of `chained_lowrank_attention`: exact forward, chained low-rank backward.
 
-    Owns its feature matrix (a float32 buffer with the seed, draw counter and redraw policy of
-    `ScatterbrainAttention`, whose machinery it reuses with sparse='none') and its own
-    `stats` (fallback counts). forward(q, k, v, *, scale=None, is_causal=False, key_padding_mask=None).
+    Owns its feature matrix and, with sparse='lsh', its hash projections (float32 buffers with the
+    seed, draw counter and redraw policy of `ScatterbrainAttention`, whose machinery it reuses) and
+    its own `stats` (tier counts). forward(q, k, v, *, scale=None, is_causal=False, key_padding_mask=None).
     """
 
     def __init__(self, head_dim: int, *, num_features: int = 256, feature_type: str = "positive",
-                 threshold: float | None = DEFAULT_THRESHOLD, redraw_interval: int | None = None,
-                 seed: int | None = None, backend: str = "auto"):
+                 threshold: float | None = DEFAULT_THRESHOLD, sparse: str = "none", bucket_size: int = 128,
+                 n_hashes: int = 1, window: int = 128, sparse_threshold: float | None = None,
+                 redraw_interval: int | None = None, seed: int | None = None, backend: str = "auto"):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be an int >= 1 for the chained gradient, got {num_features!r}")
-        super().__init__(head_dim, num_features=num_features, feature_type=feature_type, sparse="none",
+        _check_threshold("threshold", threshold)
+        _check_threshold("sparse_threshold", sparse_threshold)
+        super().__init__(head_dim, num_features=num_features, feature_type=feature_type, sparse=sparse,
+                         bucket_size=bucket_size, n_hashes=n_hashes, window=window,
                          redraw_interval=redraw_interval, seed=seed, backend=backend)
-        if threshold is not None and not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a positive finite number or None, got {threshold!r}")
         self.threshold = threshold
+        self.sparse_threshold = sparse_threshold
         self.stats = ChainedGradientStats()
 
     def forward(self, query, key, value, *, scale=None, is_causal=False, key_padding_mask=None):
@@ -448,15 +654,24 @@ class ChainedLowRankAttention(ScatterbrainAttention):
                 f"query head_dim {query.shape[-1]} does not match this module's head_dim {self.head_dim}"
             )
         self._advance_schedule()
+        c = self.config
         return chained_lowrank_attention(
             query, key, value, scale=scale, is_causal=is_causal, key_padding_mask=key_padding_mask,
-            num_features=self.config.num_features, feature_type=self.config.feature_type,
-            threshold=self.threshold, feature_matrix=self.feature_matrix, stats=self.stats, backend=self.backend,
+            num_features=c.num_features, feature_type=c.feature_type, threshold=self.threshold,
+            sparse=c.sparse, bucket_size=c.bucket_size, n_hashes=c.n_hashes, window=c.window,
+            sparse_threshold=self.sparse_threshold, feature_matrix=self.feature_matrix,
+            hash_projections=self.hash_projections if c.sparse == "lsh" else None,
+            stats=self.stats, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return (f"head_dim={self.head_dim}, num_features={self.config.num_features}, "
-                f"feature_type={self.config.feature_type!r}, threshold={self.threshold}, "
+        c = self.config
+        sparse = "" if c.sparse == "none" else (
+            f", sparse={c.sparse!r}, bucket_size={c.bucket_size}, n_hashes={c.n_hashes}, window={c.window}, "
+            f"sparse_threshold={self.sparse_threshold}"
+        )
+        return (f"head_dim={self.head_dim}, num_features={c.num_features}, "
+                f"feature_type={c.feature_type!r}, threshold={self.threshold}{sparse}, "
                 f"redraw_interval={self.redraw_interval}, backend={self.backend!r}")
 
 

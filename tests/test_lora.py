@@ -166,10 +166,24 @@ def test_bad_configuration_raises():
     q, k, v, _ = qkv(batch=1, heads=1, kv_heads=1, n=8)
     with pytest.raises(ValueError, match="num_features must be an int >= 1"):
         lora.chained_lowrank_attention(q, k, v, num_features=0)
-    with pytest.raises(ValueError, match="threshold must be a positive finite number"):
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
         lora.chained_lowrank_attention(q, k, v, threshold=-1.0)
-    with pytest.raises(ValueError, match="threshold must be a positive finite number"):
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
         lora.ChainedLowRankAttention(8, threshold=float("nan"))
+    with pytest.raises(ValueError, match="sparse_threshold must be a finite number >= 0"):
+        lora.chained_lowrank_attention(q, k, v, sparse="lsh", sparse_threshold=float("inf"))
+    with pytest.raises(ValueError, match=r"sparse_threshold \(1.0\) must be >= threshold \(2.0\)"):
+        lora.chained_lowrank_attention(q, k, v, threshold=2.0, sparse="local", sparse_threshold=1.0)
+    with pytest.raises(ValueError, match="sparse_threshold needs a sparse support"):
+        lora.chained_lowrank_attention(q, k, v, sparse_threshold=5.0)
+    with pytest.raises(ValueError, match="sparse must be one of"):
+        lora.chained_lowrank_attention(q, k, v, sparse="bucket")
+    with pytest.raises(ValueError, match="bucket_size must be >= 1"):
+        lora.ChainedLowRankAttention(8, sparse="lsh", bucket_size=0)
+    with pytest.raises(ValueError, match="takes no sparse correction"):
+        lora.chained_lowrank_attention(q, k, v, sparse="lsh", factors="exact")
+    with pytest.raises(ValueError, match=r"hash_projections must have shape \(2, 10\)"):
+        lora.chained_lowrank_attention(q, k, v, sparse="lsh", n_hashes=2, hash_projections=torch.randn(1, 10))
     with pytest.raises(ValueError, match="factors must be"):
         lora.chained_lowrank_attention(q, k, v, factors="dense")
     with pytest.raises(ValueError, match=r"feature_matrix must have shape \(16, 8\)"):
@@ -283,3 +297,139 @@ def test_factor_underflow_falls_back_instead_of_nan():
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     assert stats.numeric > 0 and stats.fallback == stats.numeric
+
+
+# ----------------------------------------------------------------------------- sparse-corrected chain
+
+SUPPORTS = [
+    pytest.param("lsh", {"bucket_size": 64, "n_hashes": 2}, id="lsh-2rounds"),
+    pytest.param("local", {"window": 400}, id="local"),
+]
+
+
+@pytest.mark.parametrize("sparse,support", SUPPORTS)
+@pytest.mark.parametrize("is_causal,padded", MASKS)
+def test_sparse_correction_covering_every_pair_is_exact(sparse, support, is_causal, padded):
+    """Support = all pairs makes f~ the exact attention matrix: the corrected chain is then the exact
+    backward, even at logit bounds (~30) where the plain chain is useless. GQA, S != N, Dv != D."""
+    q, k, v, do = qkv(n=45, s=45 if is_causal else 52, v_dim=5, gamma=2.0)
+    kpm = None
+    if padded:
+        kpm = torch.zeros(2, k.shape[2], dtype=torch.bool)
+        kpm[1, -9:] = True
+    assert float(lora.logit_bound(q, k, 8**-0.5).min()) > 10
+    stats = lora.ChainedGradientStats()
+    exact = grads(lambda q, k, v: sa.dense_attention(q, k, v, is_causal=is_causal, key_padding_mask=kpm), q, k, v, do)
+    chain = grads(
+        lambda q, k, v: lora.chained_lowrank_attention(
+            q, k, v, is_causal=is_causal, key_padding_mask=kpm, threshold=0, sparse=sparse, num_features=16,
+            seed=0, stats=stats, **support,
+        ),
+        q, k, v, do,
+    )
+    assert (stats.approximate, stats.sparse, stats.fallback) == (4, 4, 0)
+    for a, b in zip(chain[1:], exact[1:]):
+        assert rel(a, b) < 1e-10
+
+
+def dense_corrected_matrix(u1, v1, correction, n_q, n_k, is_causal):
+    """f~ = U1 V1^T + C~ as a dense (B, Hkv, G, N, S) matrix, written independently of the chain."""
+    f = u1 @ v1.unsqueeze(2).transpose(-1, -2)
+    if is_causal:
+        f = f * torch.ones(n_q, n_k, dtype=torch.bool).tril()
+    tiles = correction.tiles
+    mask = tiles.mask
+    rows = tiles.q_pos.unsqueeze(-1).expand(mask.shape)
+    cols = tiles.k_pos.unsqueeze(-2).expand(mask.shape)
+    lead = [torch.arange(n).reshape([-1] + [1] * (mask.dim() - 1 - d)).expand(mask.shape)
+            for d, n in enumerate(mask.shape[:3])]
+    sparse = torch.zeros(*f.shape[:3], n_q + 1, n_k + 1, dtype=f.dtype)
+    sparse.index_put_((*lead, rows, cols), torch.where(mask, correction.weights, 0.0), accumulate=True)
+    return f + sparse[..., :n_q, :n_k]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("sparse", ["lsh", "local"])
+def test_sparse_corrected_chain_equals_the_dense_formula(sparse, is_causal):
+    """Partial support: the corrected factorisation is row-stochastic, its rows of dS~ sum to zero, and
+    the O(N m D^2 + nnz D) chain equals dS~ = f~ * (dO V^T) - diag(rho~) f~ evaluated densely."""
+    q, k, v, do = qkv(batch=1, heads=4, kv_heads=2, n=60, dim=8, gamma=1.5)
+    batch, heads, n, dim = q.shape
+    qg, dog = q.reshape(1, 2, 2, n, dim), do.reshape(1, 2, 2, n, dim)
+    gen = torch.Generator().manual_seed(0)
+    w = sa.features.draw_feature_matrix(16, dim, generator=gen).double()
+    if sparse == "lsh":
+        plan = sa.sparsity.lsh_plan(q, k, bucket_size=8, hash_projections=sa.features.draw_hash_projections(2, dim, generator=gen))
+    else:
+        plan = sa.sparsity.local_plan(n, n, window=6, device=q.device)
+    scale = dim**-0.5
+    u1, v1, correction, underflow = lora.sparse_corrected_factors(qg, k, w, scale, plan, is_causal=is_causal)
+    assert not underflow.any()
+    support = correction.tiles.mask.sum().item()
+    assert 0 < support < 2 * 2 * n * n / 3  # partial: most pairs are off the support
+    f = dense_corrected_matrix(u1, v1, correction, n, n, is_causal)
+    assert (f.sum(-1) - 1).abs().max() < 1e-12
+    d_p = dog @ v.unsqueeze(2).transpose(-1, -2)
+    d_s = f * d_p - (f * d_p).sum(-1, keepdim=True) * f
+    assert d_s.sum(-1).abs().max() < 1e-12
+    want = (scale * d_s @ k.unsqueeze(2), scale * (d_s.transpose(-1, -2) @ qg).sum(2), (f.transpose(-1, -2) @ dog).sum(2))
+    got = lora.sparse_corrected_backward(qg, k, v, dog, u1, v1, correction, scale, is_causal=is_causal)
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-12
+    # the sparse part matters: dropping it changes dq
+    plain = lora.chained_attention_backward(qg, k, v, dog, u1, v1, scale, is_causal=is_causal)
+    assert rel(plain[0], want[0]) > 1e-3
+
+
+def test_three_tiers_plain_corrected_exact():
+    """threshold < bound <= sparse_threshold takes the corrected chain; above it, exact; below, plain."""
+    q, k, v, do = qkv(batch=2, heads=4, kv_heads=2, n=64, dim=8, gamma=0.3)
+    q = q.clone()
+    q[0, 2:] *= 8  # group (0, 1): between the thresholds
+    q[1, 2:] *= 40  # group (1, 1): above both
+    bounds = lora.logit_bound(q, k, 8**-0.5)
+    assert bounds[0, 0] < 1 and bounds[1, 0] < 1 and 1 < bounds[0, 1] < 10 < bounds[1, 1]
+    stats = lora.ChainedGradientStats()
+    settings = dict(threshold=1.0, sparse="local", window=8, sparse_threshold=10.0, num_features=16, seed=0, stats=stats)
+    mixed = grads(lambda q, k, v: lora.chained_lowrank_attention(q, k, v, **settings), q, k, v, do)
+    assert (stats.approximate, stats.sparse, stats.fallback) == (3, 1, 1)
+    exact = grads(lambda q, k, v: sa.dense_attention(q, k, v), q, k, v, do)
+    plain = grads(lambda q, k, v: lora.chained_lowrank_attention(q, k, v, threshold=None, num_features=16, seed=0), q, k, v, do)
+    corrected = grads(lambda q, k, v: lora.chained_lowrank_attention(
+        q, k, v, threshold=0, sparse="local", window=8, num_features=16, seed=0), q, k, v, do)
+    # group (b, h): query heads 2h, 2h + 1
+    for g in range(1, 4):  # dq, dk, dv
+        kv_first = g > 1
+        for (b, h), source in (((0, 0), plain), ((1, 0), plain), ((0, 1), corrected), ((1, 1), exact)):
+            sel = (b, h) if kv_first else (b, slice(2 * h, 2 * h + 2))
+            assert (mixed[g][sel] - source[g][sel]).abs().max() < 1e-12, (g, b, h)
+    assert (plain[1][0, 2:] - corrected[1][0, 2:]).abs().max() > 1e-6  # the tiers really differ
+
+
+def test_sparse_corrected_module_owns_its_projections():
+    attn = lora.ChainedLowRankAttention(8, num_features=16, sparse="lsh", bucket_size=16, n_hashes=2, threshold=0, seed=3)
+    assert attn.hash_projections.shape == (2, 10) and "sparse='lsh'" in repr(attn)
+    q, k, v, do = qkv(batch=1, heads=2, kv_heads=2, n=40, dim=8, gamma=1.0)
+    first = grads(lambda q, k, v: attn(q, k, v, is_causal=True), q, k, v, do)
+    assert attn.stats.sparse == 2 and all(torch.isfinite(g).all() for g in first)
+    clone = lora.ChainedLowRankAttention(8, num_features=16, sparse="lsh", bucket_size=16, n_hashes=2, threshold=0, seed=4)
+    clone.load_state_dict(attn.state_dict())
+    again = grads(lambda q, k, v: clone(q, k, v, is_causal=True), q, k, v, do)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sparse_corrected_chain_with_kronecker_kernels(is_causal):
+    """The corrected chain with the Triton Kronecker kernels (interpreter on CPU) against torch, fp32."""
+    q, k, v, do = qkv(batch=1, heads=2, kv_heads=1, n=70, dim=16, v_dim=8, gamma=0.8)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, do = (t.float().to(device) for t in (q, k, v, do))
+    results = {
+        backend: grads(lambda q, k, v: lora.chained_lowrank_attention(
+            q, k, v, num_features=16, seed=0, threshold=0, sparse="lsh", bucket_size=16, is_causal=is_causal,
+            backend=backend), q, k, v, do)
+        for backend in ("reference", "triton")
+    }
+    for a, b in zip(results["triton"][1:], results["reference"][1:]):
+        assert rel(a, b) < 1e-5
