@@ -1,8 +1,8 @@
 """timm integration: ScatterbrainTimmAttention, the attn_layer hook, swap / restore on a ViT.
 
 Two groups:
-* tests on real timm models (tiny randomly initialised VisionTransformer, no downloads). They skip
-  when timm cannot be imported; WHY_NO_TIMM says why that is the case on a CPU-only torch 2.13.
+* tests on real timm models (tiny randomly initialised VisionTransformer, no downloads). timm is in
+  the test extra; they skip only where timm or torchvision is missing (WHY_NO_TIMM says how to fix).
 * timm-free tests of the same machinery on `TimmAttentionCopy`, a copy of timm 1.0.31's
   ``timm.layers.attention.Attention`` (non-fused path), so that the swap logic is covered anywhere.
 
@@ -33,12 +33,11 @@ COVER = ScatterbrainConfig(num_features=16, bucket_size=64)  # 17 tokens per ima
 APPROX = ScatterbrainConfig(num_features=8, bucket_size=4)
 
 WHY_NO_TIMM = (
-    "timm imports torchvision when it is imported (timm/layers/create_norm.py: `from torchvision.ops.misc "
-    "import FrozenBatchNorm2d`), so timm.models.vision_transformer cannot be used without torchvision, and "
-    "for a CPU-only torch 2.13 the package index only has torchvision==0.28.0 built for CUDA: its compiled "
-    "operators do not load (libc10_cuda.so), and once installed it also breaks importing transformers' model "
-    "classes, so timm is not in the 'test' extra. To run these tests: pip install timm torchvision==0.28.0 "
-    "(these tests call scatterattn.integrations.ensure_torchvision_importable, which makes it import)"
+    "timm (in the 'test' extra) imports torchvision when it is imported (timm/layers/create_norm.py), so "
+    "these tests need both: pip install \"torch==2.13.0\" -e \".[test]\" (keep torch named in the same "
+    "command, or pip replaces it to match the newest torchvision). With the CPU torch 2.13 that brings the "
+    "CUDA torchvision 0.28, whose compiled operators do not load; ensure_torchvision_importable (called "
+    "here and in conftest.py) makes its Python modules import."
 )
 
 
