@@ -302,3 +302,54 @@ def test_swap_and_restore_hf_model_inside_a_wrapper():
     torch.testing.assert_close(wrapper(ids), dense, atol=0, rtol=0)
     with pytest.raises(ValueError, match="nothing to restore"):
         restore_attention(wrapper)
+
+
+# ----------------------------------------------------------------------------- chained-gradient attention
+
+
+def test_lowrank_grad_attention_is_registered_with_both_interfaces():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS[sb_hf.LOWRANK_NAME] is sb_hf.lowrank_grad_attention_forward
+    assert ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[sb_hf.LOWRANK_NAME] is sb_hf.scatterbrain_mask
+    assert sb_hf.REGISTERED == ["scatterbrain", "scatterbrain_lowrank_grad"]
+
+
+def llama_loss_and_grads(model, ids, mask):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = logits[mask.bool()].float().pow(2).mean()  # real positions only (see the GQA test above)
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lowrank_grad_llama_exact_forward_and_chained_backward():
+    """Exact model, approximate gradient, inside a padded GQA Llama: the forward equals sdpa's; with
+    exact factors the chain gives sdpa's gradients; with the defaults the gradients are finite and
+    every (batch, kv-head) group of every layer is counted."""
+    from scatterattn import lora
+
+    ids, mask = llama_batch()
+    model = tiny_llama()
+    dense_logits, dense_grads = llama_loss_and_grads(model, ids, mask)
+    model.set_attn_implementation(sb_hf.LOWRANK_NAME)
+    for layer in model.model.layers:
+        layer.self_attn.scatterbrain_lowrank_kwargs = {"factors": "exact", "threshold": None, "stats": None}
+    logits, grads = llama_loss_and_grads(model, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], dense_logits[real], atol=ATOL, rtol=0)
+    assert grads.keys() == dense_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], atol=ATOL, rtol=1e-4, msg=name)
+
+    stats = lora.ChainedGradientStats()
+    for layer in model.model.layers:
+        layer.self_attn.scatterbrain_lowrank_kwargs = {"num_features": 32, "stats": stats, "seed": 0,
+                                                       "sparse": "local", "window": 4}
+    logits, grads = llama_loss_and_grads(model, ids, mask)
+    torch.testing.assert_close(logits[real], dense_logits[real], atol=ATOL, rtol=0)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (grads[name] - dense_grads[name]).norm() > 1e-3 * dense_grads[name].norm()  # approximate
+    assert stats.approximate + stats.fallback == 2 * 2 * 2  # layers x batch x kv heads

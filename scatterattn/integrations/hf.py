@@ -4,10 +4,10 @@ Importing this module registers, with transformers' attention interface and mask
 
 * ``"scatterbrain"``: Scatterbrain attention (`scatterbrain_attention_forward`);
 * ``"scatterbrain_lowrank_grad"``: exact forward, approximate chained low-rank gradient, through
-  ``scatterattn.lora.chained_lowrank_attention`` -- registered only if that function exists when
-  `register()` runs (call `register()` again after it becomes available). It receives ``scale``,
-  ``is_causal``, ``key_padding_mask`` and the keyword arguments in the attention module's
-  ``scatterbrain_lowrank_kwargs`` dict attribute, if any (e.g. ``{"num_features": 128}``).
+  ``scatterattn.lora.chained_lowrank_attention``. It receives ``scale``, ``is_causal``,
+  ``key_padding_mask`` and the keyword arguments in the attention module's
+  ``scatterbrain_lowrank_kwargs`` dict attribute, if any (e.g. ``{"num_features": 128}``, or
+  ``{"sparse": "local", "window": 64}`` for the sparse-corrected tier).
 
 Then any model whose attention goes through ``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, Qwen,
 BERT, RoBERTa, ...) runs with it:
@@ -50,7 +50,6 @@ length L (the padding mask's length) are dropped first.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import zlib
 from collections.abc import Mapping
@@ -62,6 +61,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 from transformers.modeling_utils import PreTrainedModel
 
+from ..lora import chained_lowrank_attention
 from ._common import (
     CORE_NAME,
     EXACT,
@@ -266,12 +266,11 @@ def lowrank_grad_attention_forward(
     _check_kwargs(kwargs, where)
     if dropout:
         raise ValueError(f"{where}: attention dropout (p={dropout}) is not supported by {LOWRANK_NAME}")
-    lowrank = importlib.import_module("scatterattn.lora").chained_lowrank_attention
     n_q = query.shape[2]
     query, key, value, key_padding_mask, causal, front = _prepare(
         module, query, key, value, attention_mask, is_causal, where
     )
-    out = lowrank(
+    out = chained_lowrank_attention(
         query, key, value, scale=None if scaling is None else float(scaling), is_causal=causal,
         key_padding_mask=key_padding_mask, **dict(getattr(module, "scatterbrain_lowrank_kwargs", {}) or {}),
     )
@@ -285,16 +284,9 @@ def register() -> list[str]:
     """Register the attention and mask functions; returns the names registered. Idempotent."""
     AttentionInterface.register(NAME, scatterbrain_attention_forward)
     AttentionMaskInterface.register(NAME, scatterbrain_mask)
-    names = [NAME]
-    try:
-        lora = importlib.import_module("scatterattn.lora")
-    except ImportError:
-        lora = None
-    if lora is not None and hasattr(lora, "chained_lowrank_attention"):
-        AttentionInterface.register(LOWRANK_NAME, lowrank_grad_attention_forward)
-        AttentionMaskInterface.register(LOWRANK_NAME, scatterbrain_mask)
-        names.append(LOWRANK_NAME)
-    return names
+    AttentionInterface.register(LOWRANK_NAME, lowrank_grad_attention_forward)
+    AttentionMaskInterface.register(LOWRANK_NAME, scatterbrain_mask)
+    return [NAME, LOWRANK_NAME]
 
 
 REGISTERED = register()
