@@ -22,8 +22,11 @@ tail -3 "$out_dir/bench_kernels.log"
 echo "== chained low-rank gradient benchmark"
 timeout 240 python3 bench/lora_backward.py --out bench/results > "$out_dir/bench_lora.log" 2>&1
 tail -3 "$out_dir/bench_lora.log"
+echo "== launch configurations (N 16k): candidates from bench/kernel_resources.py"
+timeout 150 python3 bench/kernel_configs.py > "$out_dir/kernel_configs.log" 2>&1
+tail -4 "$out_dir/kernel_configs.log"
 cp bench/results/kernels-* bench/results/lora-backward-* "$out_dir"/ 2>/dev/null || true
 echo "== summary"
 grep -h "passed\|failed" "$out_dir/gpu_tests.log" | tail -1
 sed -n '/^| N |/,/^$/p' "$out_dir/bench_kernels.log"
-grep -h "^- \[" "$out_dir/bench_kernels.log" "$out_dir/bench_lora.log" 2>/dev/null
+grep -h "^- \[" "$out_dir/bench_kernels.log" "$out_dir/bench_lora.log" "$out_dir/kernel_configs.log" 2>/dev/null

@@ -152,7 +152,10 @@ def sparse_lowrank_bwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    # program (tile t, query sub-block j): rows j*BLOCK_Q .. of tile t's query list, all of its keys
+    n_sub = tl.cdiv(TQ, BLOCK_Q)
+    pid_t = tl.program_id(0) // n_sub
+    q0 = (tl.program_id(0) % n_sub) * BLOCK_Q
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -161,7 +164,7 @@ def sparse_lowrank_bwd_kernel(
     state = (b * (H // GROUP) + hkv).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit, TQ, N,
+    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
                                   Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, D,
                                   BLOCK_Q, BLOCK_D)
     qf = q.to(tl.float32)
@@ -253,7 +256,8 @@ def sparse_lowrank_bwd_kernel(
 
 
 def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *, tau, key_valid,
-                            block_q=None, block_k=None, block_f=32, block_s=64, rows_per_split=1024):
+                            block_q=None, block_k=None, block_f=32, block_s=64, rows_per_split=1024,
+                            num_warps=None):
     """(dq, dk, dv) in the input dtypes for the forward `sparse_lowrank_forward` computed.
 
     out, den, stab: the forward's outputs; state = (KV, z, g) of `key_state` or None.
@@ -309,7 +313,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     block_k = block_k or min(_pow2(tiles.tk), 64)
     for r in range(tiles.n_rounds):
         qi, kj = tiles.q_index[:, :, r], tiles.k_index[:, :, r]
-        sparse_lowrank_bwd_kernel[(tiles.n_tiles, batch * heads)](
+        sparse_lowrank_bwd_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, block_q), batch * heads)](
             q, k, v, w_arg, kv, z, g, grad, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
             dq, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
@@ -331,6 +335,6 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
             PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
-            num_warps=warps_for(block_q, 2 * block_k),
+            num_warps=num_warps or warps_for(block_q, 2 * block_k),
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

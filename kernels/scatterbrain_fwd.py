@@ -104,14 +104,17 @@ def sparse_lowrank_fwd_kernel(
     PREC: tl.constexpr, FP32_PREC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    # program (tile t, query sub-block j): rows j*BLOCK_Q .. of tile t's query list, all of its keys
+    n_sub = tl.cdiv(TQ, BLOCK_Q)
+    pid_t = tl.program_id(0) // n_sub
+    q0 = (tl.program_id(0) % n_sub) * BLOCK_Q
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hkv = h // GROUP
     b64 = b.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
-    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit, TQ, N,
+    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
                                   Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, D,
                                   BLOCK_Q, BLOCK_D)
     qf = q.to(tl.float32)
@@ -307,7 +310,7 @@ class KernelTiles:
 
 
 def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype,
-                           block_q=None, block_k=None, block_f=32):
+                           block_q=None, block_k=None, block_f=32, num_warps=None):
     """Scatterbrain forward for a non-causal plan. Returns (out (B, H, N, Dv), den (B, H, N),
     stab (B, H, N)) with den and stab the per-row statistics of the combined rounds:
     O_i = num_i / den_i with every term of row i scaled by exp(-stab_i).
@@ -344,7 +347,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
         num_r = num if write_out else num[r]
         den_r = den if write_out else den[r]
         stab_r = stab if write_out else stab[r]
-        sparse_lowrank_fwd_kernel[(n_tiles, batch * heads)](
+        sparse_lowrank_fwd_kernel[(n_tiles * triton.cdiv(tq, block_q), batch * heads)](
             q, k, v, w_arg, kv, z, g, qi, kj, valid, q_bucket, k_bucket,
             out, num_r, den_r, stab_r,
             q.stride(0), q.stride(1), q.stride(2),
@@ -365,7 +368,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
             WRITE_OUT=write_out, PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f,
-            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim), num_warps=warps_for(block_q, block_k),
+            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim), num_warps=num_warps or warps_for(block_q, block_k),
         )
     if write_out:
         return out, den, stab

@@ -122,3 +122,20 @@ def test_backend_errors_and_auto_choice(monkeypatch):
 def test_decoding_shapes_few_queries_many_keys():
     # 3 queries against 100 keys in buckets of 16: the few-queries LSH plan (tile per key bucket)
     check(torch.float32, 2, 4, 2, 3, 100, 16, dict(sparse="lsh", bucket_size=16, n_hashes=2), padded=True)
+
+
+@pytest.mark.parametrize("name", ["lsh-2-rounds", "local"])
+def test_query_sub_blocks_and_small_key_blocks(monkeypatch, name):
+    """Launch parameters change the schedule, never the result: query tiles split into sub-blocks of
+    16 rows (the last one partial), key chunks of 16, 4 warps, features in blocks of 16."""
+    import functools
+
+    from scatterattn.kernels import scatterbrain_bwd, scatterbrain_fwd
+
+    small = dict(block_q=16, block_k=16, block_f=16, num_warps=4)
+    monkeypatch.setattr(scatterbrain_fwd, "sparse_lowrank_forward",
+                        functools.partial(scatterbrain_fwd.sparse_lowrank_forward, **small))
+    monkeypatch.setattr(scatterbrain_bwd, "sparse_lowrank_backward",
+                        functools.partial(scatterbrain_bwd.sparse_lowrank_backward, **small))
+    settings = dict(SETTINGS[name], bucket_size=32, window=40, num_features=24)
+    check(torch.float32, 2, 4, 2, 70, 61, 16, settings, padded=True)

@@ -1,0 +1,197 @@
+"""Compile kernel launches for a GPU that is not there: Triton's real compiler on the CPU.
+
+The launchers run with a `Recorder` standing in for each @triton.jit kernel, so nothing executes;
+each recorded launch (its real arguments, constexprs and num_warps) is then compiled for the
+target (default sm_90, an H100/H200) down to cubin, and its resource usage is read from the cubin
+with the cuobjdump that ships with Triton: registers per thread, spill stack, shared memory.
+Used by tests/test_kernels_compile.py (the code compiles, shared memory fits) and by
+bench/kernel_resources.py (register pressure of each launch configuration).
+
+The process must import triton with TRITON_INTERPRET unset or 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+SM90_SHARED_LIMIT = 232448  # bytes of dynamic shared memory per block on H100/H200
+TORCH_TO_TRITON = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.bool: "i1",
+}
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: records each launch's arguments instead of running."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((args, kwargs))
+
+        return launch
+
+
+def record(module, names):
+    """Replace module.<name> by a Recorder for each name; returns {name: Recorder}. Undo with `restore`."""
+    recorders = {}
+    for name in names:
+        recorders[name] = Recorder(getattr(module, name))
+        setattr(module, name, recorders[name])
+    return recorders
+
+
+def restore(module, recorders) -> None:
+    for name, rec in recorders.items():
+        setattr(module, name, rec.kernel)
+
+
+def _signature(kernel, args, kwargs):
+    values = dict(zip(kernel.arg_names, args))
+    values.update(kwargs)
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + TORCH_TO_TRITON[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{param.name}: cannot type {value!r}")
+    return signature, constexprs
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{'registers', 'spill_stack'} of a cubin's kernel, from `cuobjdump --dump-resource-usage`."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"no resource line in cuobjdump output: {text[-500:]}")
+    return {"registers": int(found.group(1)), "spill_stack": int(found.group(2))}
+
+
+def compile_launch(kernel, args, kwargs, *, arch: int = 90, usage: bool = False) -> dict:
+    """Compile one recorded launch. Returns {'kernel', 'shared', 'num_warps', 'blocks'} and, with
+    usage=True, 'registers' and 'spill_stack' (bytes per thread; 0 means no spills)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    signature, constexprs = _signature(kernel, args, kwargs)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    result = {
+        "kernel": kernel.fn.__name__,
+        "shared": compiled.metadata.shared,
+        "num_warps": compiled.metadata.num_warps,
+        "blocks": {k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
+    }
+    if usage:
+        result.update(resource_usage(compiled.asm["cubin"]))
+    return result
+
+
+def compile_all(recorders, *, usage: bool = False) -> list[dict]:
+    """Compile each distinct recorded launch (by constexprs, options and argument dtypes)."""
+    results = []
+    for name, rec in recorders.items():
+        if not rec.launches:
+            raise AssertionError(f"{name} was never launched")
+        seen = set()
+        for args, kwargs in rec.launches:
+            key = (name, tuple(sorted(kwargs.items())),
+                   tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args))
+            if key in seen:
+                continue
+            seen.add(key)
+            results.append(compile_launch(rec.kernel, args, kwargs, usage=usage))
+    return results
+
+
+# ----------------------------------------------------------------------------- this package's launches
+
+SCATTERBRAIN_CASES = {
+    "lsh-2-rounds": dict(sparse="lsh", bucket_size=128, n_hashes=2, num_features=256),
+    "lsh": dict(sparse="lsh", bucket_size=128, n_hashes=1, num_features=256),
+    "local": dict(sparse="local", window=128, num_features=256),
+    "lsh-only": dict(sparse="lsh", bucket_size=64, num_features=0),
+}
+
+
+def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backward=None):
+    """Run the Scatterbrain launchers (key state, forward, backward) on a small input of `settings`
+    with every kernel recorded; forward / backward: extra keyword arguments of the launchers
+    (block sizes, num_warps). Returns the recorders of both modules."""
+    import math
+
+    from scatterattn import functional
+
+    from . import scatterbrain_bwd, scatterbrain_fwd
+
+    fwd_names = ["sparse_lowrank_fwd_kernel"] + (["key_state_kernel"] if settings["num_features"] else [])
+    bwd_names = ["sparse_lowrank_bwd_kernel"] + (
+        ["query_state_kernel", "key_lowrank_bwd_kernel"] if settings["num_features"] else [])
+    fwd_rec, bwd_rec = record(scatterbrain_fwd, fwd_names), record(scatterbrain_bwd, bwd_names)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 4, n, dim, generator=gen).to(dtype)
+        k = torch.randn(1, 2, n, dim, generator=gen).to(dtype)
+        v = torch.randn(1, 2, n, dim, generator=gen).to(dtype)
+        kpm = torch.zeros(1, n, dtype=torch.bool)
+        kpm[0, -7:] = True
+        p = functional.prepare_call(q, k, v, key_padding_mask=kpm, seed=0, **settings)
+        w = None if p.feature_matrix is None else p.feature_matrix.to(dtype)
+        state = None
+        if w is not None:
+            state = scatterbrain_fwd.key_state(k, v, w, p.key_valid, math.sqrt(p.scale))
+            state = tuple(torch.zeros_like(t) for t in state)
+        out, den, stab = scatterbrain_fwd.sparse_lowrank_forward(
+            q, k, v, w, state, p.plan, tau=p.scale, key_valid=p.key_valid, out_dtype=dtype, **(forward or {})
+        )
+        scatterbrain_bwd.sparse_lowrank_backward(
+            q, k, v, torch.zeros_like(out), torch.zeros_like(out), w, state, p.plan, torch.ones_like(den),
+            torch.zeros_like(stab), tau=p.scale, key_valid=p.key_valid, **(backward or {}),
+        )
+    finally:
+        restore(scatterbrain_fwd, fwd_rec)
+        restore(scatterbrain_bwd, bwd_rec)
+    return {**fwd_rec, **bwd_rec}
+
+
+def record_chained(dtype):
+    """Run the chained-gradient Kronecker launchers (m 256, D 64) with the kernels recorded."""
+    from . import chained_grad
+
+    recorders = record(chained_grad, ["kron_gram_kernel", "kron_rows_kernel"])
+    try:
+        a, b, c = torch.rand(2, 100, 256), torch.randn(2, 100, 64).to(dtype), torch.randn(2, 100, 64).to(dtype)
+        chained_grad.kron_gram(a, b, c)
+        chained_grad.kron_rows(a, b, torch.zeros(2, 256, 64, 64))
+    finally:
+        restore(chained_grad, recorders)
+    return recorders
