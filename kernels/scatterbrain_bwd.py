@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import NEG, feature_logits, load_key_chunk, load_query_tile, support_mask
-from .scatterbrain_fwd import KernelTiles, _pow2, precisions, warps_for
+
+STATE_BLOCK_F = 32  # features per program of the query-state and per-key low-rank kernels
+from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions
 
 
 @triton.jit
@@ -192,7 +194,7 @@ def sparse_lowrank_bwd_kernel(
             u = p * (tl.dot(grad, tl.trans(kv), input_precision=FP32_PREC) - delta[:, None] * z[None, :])
             w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                         mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            dq += tl.dot(u.to(w.dtype), w, input_precision=PREC) * sqrt_tau
+            dq = tl.dot((u * sqrt_tau).to(w.dtype), w, dq, input_precision=PREC)
             uq_sum += tl.sum(u, 1)
 
     grad_in = grad.to(q.dtype)
@@ -208,15 +210,15 @@ def sparse_lowrank_bwd_kernel(
         s = tl.where(pair, tl.dot(q, tl.trans(k), input_precision=PREC) * tau, NEG)
         exact = tl.where(pair, tl.exp(s - row[:, None]), 0.0)
         d_attn = tl.where(pair, tl.dot(grad_in, tl.trans(v), input_precision=PREC) - delta[:, None], 0.0)
-        ds = (exact * d_attn).to(q.dtype)
-        dq += tl.dot(ds, k, input_precision=PREC) * tau
-        dk = tl.dot(tl.trans(ds), q, input_precision=PREC) * tau
+        # Accumulators are updated in place by the dots (acc forms) so that few tiles stay live
+        # through the feature loop: dk starts as the exact part, corr as exp(s - r) on the support.
+        ds = (exact * d_attn * tau).to(q.dtype)
+        dq = tl.dot(ds, k, dq, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
         corr = exact
         if HAS_FEATURES:
             kf = k.to(tl.float32)
             k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
-            low_rank = tl.zeros((BLOCK_Q, BLOCK_K), tl.float32)
-            dk_feat = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
             uk_sum = tl.zeros((BLOCK_K,), tl.float32)
             d_attn_in = d_attn.to(q.dtype)
             for f0 in range(0, M, BLOCK_F):
@@ -229,15 +231,15 @@ def sparse_lowrank_bwd_kernel(
                 kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0).to(q.dtype)
                 w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                             mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                low_rank += tl.dot(p, tl.trans(kt), input_precision=PREC)
+                corr = tl.dot(-p, tl.trans(kt), corr, input_precision=PREC)  # minus the low-rank term
                 uq = -p.to(tl.float32) * tl.dot(d_attn_in, kt, input_precision=PREC)
                 uk = -kt.to(tl.float32) * tl.dot(tl.trans(d_attn_in), p, input_precision=PREC)
-                dq += tl.dot(uq.to(w.dtype), w, input_precision=PREC) * sqrt_tau
+                dq = tl.dot((uq * sqrt_tau).to(w.dtype), w, dq, input_precision=PREC)
                 uq_sum += tl.sum(uq, 1)
-                dk_feat += tl.dot(uk.to(w.dtype), w, input_precision=PREC)
+                dk = tl.dot((uk * sqrt_tau).to(w.dtype), w, dk, input_precision=PREC)
                 uk_sum += tl.sum(uk, 1)
-            corr = exact - tl.where(pair, low_rank, 0.0)
-            dk += dk_feat * sqrt_tau - kf * (uk_sum * tau)[:, None]
+            corr = tl.where(pair, corr, 0.0)
+            dk -= k.to(tl.float32) * (uk_sum * tau)[:, None]
         dv = tl.dot(tl.trans(corr.to(q.dtype)), grad_in, input_precision=PREC)
         k_rows = kj[:, None].to(tl.int64)
         tl.atomic_add(DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + k_rows * stride_dkn
@@ -256,11 +258,12 @@ def sparse_lowrank_bwd_kernel(
 
 
 def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *, tau, key_valid,
-                            block_q=None, block_k=None, block_f=32, block_s=64, rows_per_split=1024,
+                            block_q=None, block_k=None, block_f=None, block_s=64, rows_per_split=1024,
                             num_warps=None):
     """(dq, dk, dv) in the input dtypes for the forward `sparse_lowrank_forward` computed.
 
     out, den, stab: the forward's outputs; state = (KV, z, g) of `key_state` or None.
+    block_q, block_k, block_f, num_warps: the sparse kernel's launch (None: `launch_config`).
     """
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k, v_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -287,12 +290,12 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         n_splits = math.ceil(n_q / rows_per_split)
         qg_part = torch.empty(batch * heads, n_splits, m, v_dim, device=device, dtype=torch.float32)
         qd_part = torch.empty(batch * heads, n_splits, m, device=device, dtype=torch.float32)
-        query_state_kernel[(n_splits, triton.cdiv(m, block_f), batch * heads)](
+        query_state_kernel[(n_splits, triton.cdiv(m, STATE_BLOCK_F), batch * heads)](
             q, grad, delta, stab, w, g, qg_part, qd_part,
             q.stride(0), q.stride(1), q.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
             stab.stride(0), stab.stride(1), w.stride(0), heads, group, n_q, m, dim, v_dim,
             rows_per_split, tau, sqrt_tau, inv_m,
-            PREC=prec, BLOCK_N=block_s, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+            PREC=prec, BLOCK_N=block_s, BLOCK_F=STATE_BLOCK_F, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
         )
         qg = qg_part.sum(1).reshape(batch, kv_heads, group, m, v_dim).sum(2).reshape(-1, m, v_dim).contiguous()
         qd = qd_part.sum(1).reshape(batch, kv_heads, group, m).sum(2).reshape(-1, m).contiguous()
@@ -302,15 +305,16 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             w.stride(0), valid_stride, kv_heads, n_k, m, dim, v_dim, tau, sqrt_tau,
             HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
-            BLOCK_S=block_s, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+            BLOCK_S=block_s, BLOCK_F=STATE_BLOCK_F, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
         )
     else:
         kv = z = g = dq  # unused pointers
     w_arg = w if has_features else dq
 
     tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
-    block_q = block_q or _pow2(tiles.tq)
-    block_k = block_k or min(_pow2(tiles.tk), 64)
+    default = launch_config("backward", tiles.tq, tiles.tk, dim, v_dim)
+    block_q, block_k, block_f, num_warps = (
+        given or fallback for given, fallback in zip((block_q, block_k, block_f, num_warps), default))
     for r in range(tiles.n_rounds):
         qi, kj = tiles.q_index[:, :, r], tiles.k_index[:, :, r]
         sparse_lowrank_bwd_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, block_q), batch * heads)](
@@ -335,6 +339,6 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
             PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
-            num_warps=num_warps or warps_for(block_q, 2 * block_k),
+            num_warps=num_warps,
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

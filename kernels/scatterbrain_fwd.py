@@ -141,7 +141,7 @@ def sparse_lowrank_fwd_kernel(
                 kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
                              mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
                 z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(phi_q, kv, input_precision=FP32_PREC)
+                acc = tl.dot(phi_q, kv, acc * alpha[:, None], input_precision=FP32_PREC)
                 den = den * alpha + tl.sum(phi_q * z[None, :], 1)
             row_lr = new_lr
     row = row_lr
@@ -161,22 +161,22 @@ def sparse_lowrank_fwd_kernel(
         alpha = tl.exp(row - new_row)
         acc = acc * alpha[:, None]
         den = den * alpha
+        # corr = exp(s - r) - phi_q . phi_k on the support, accumulated in place by the feature dots
+        # (phi_q already carries exp(-r) / m) so that one (BLOCK_Q, BLOCK_K) tile stays live.
         corr = tl.where(pair, tl.exp(s - new_row[:, None]), 0.0)
         if HAS_FEATURES:
             kf = k.to(tl.float32)
             k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
-            low_rank = tl.zeros((BLOCK_Q, BLOCK_K), tl.float32)
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F)
                 g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-                phi_q = tl.exp(lq + g[None, :] - row_lr[:, None])
+                neg_phi_q = -tl.exp(lq + g[None, :] - new_row[:, None]) * inv_m
                 phi_k = tl.exp(lk - g[None, :])
-                low_rank += tl.dot(phi_q.to(q.dtype), tl.trans(phi_k.to(q.dtype)), input_precision=PREC)
-            scale = tl.exp(row_lr - new_row) * inv_m
-            corr = corr - tl.where(pair, low_rank * scale[:, None], 0.0)
-        acc += tl.dot(corr.to(v.dtype), v, input_precision=PREC)
+                corr = tl.dot(neg_phi_q.to(q.dtype), tl.trans(phi_k.to(q.dtype)), corr, input_precision=PREC)
+            corr = tl.where(pair, corr, 0.0)
+        acc = tl.dot(corr.to(v.dtype), v, acc, input_precision=PREC)
         den += tl.sum(corr, 1)
         row = new_row
 
@@ -205,9 +205,25 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
 
 
-def warps_for(block_q: int, block_k: int) -> int:
-    """A first heuristic (untuned): 8 warps for 128 x 128 tiles and up, 4 below."""
-    return 8 if block_q * block_k >= 128 * 128 else 4
+def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the sparse + low-rank kernels, kind 'forward' or
+    'backward', for query tiles of tq rows and key lists of tk keys.
+
+    Chosen without a GPU, from the registers and spill stack of every configuration compiled for
+    sm_90 (bench/kernel_resources.py, bench/results/kernel_resources_triton3.6.0.md): the fewest
+    spills, then the larger tiles. Head dims above 64 halve the query sub-block. The backward holds
+    more tiles (dq, dk, the gradient rows) and takes key chunks of 16. To be confirmed on a GPU with
+    bench/kernel_configs.py.
+    """
+    wide = max(dim, v_dim) > 64
+    block_q = min(_pow2(tq), 64 if wide else 128)
+    if kind == "forward":
+        block_k, block_f = min(_pow2(tk), 64), 32
+        warps = 8 if block_q * block_k >= 64 * 64 else 4
+    else:
+        block_k, block_f = 16, 16
+        warps = 8 if block_q >= 64 else 4
+    return block_q, block_k, block_f, warps
 
 
 def precisions(dtype: torch.dtype) -> tuple[str, str]:
@@ -310,13 +326,14 @@ class KernelTiles:
 
 
 def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype,
-                           block_q=None, block_k=None, block_f=32, num_warps=None):
+                           block_q=None, block_k=None, block_f=None, num_warps=None):
     """Scatterbrain forward for a non-causal plan. Returns (out (B, H, N, Dv), den (B, H, N),
     stab (B, H, N)) with den and stab the per-row statistics of the combined rounds:
     O_i = num_i / den_i with every term of row i scaled by exp(-stab_i).
 
     q (B, H, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); w (m, D) in q's dtype or None;
     state = key_state(...) or None; plan: scatterattn.sparsity.SparsePlan or None (no support).
+    block_q, block_k, block_f, num_warps: the launch (None: `launch_config`).
     """
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k, v_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -330,8 +347,9 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
     w_arg = w if has_features else q
     m = w.shape[0] if has_features else 0
     prec, fp32_prec = precisions(q.dtype)
-    block_q = block_q or _pow2(tq)
-    block_k = block_k or min(_pow2(tk), 128)
+    default = launch_config("forward", tq, tk, dim, v_dim)
+    block_q, block_k, block_f, num_warps = (
+        given or fallback for given, fallback in zip((block_q, block_k, block_f, num_warps), default))
     out = torch.empty(batch, heads, n_q, v_dim, device=device, dtype=out_dtype)
     write_out = n_rounds == 1
     if write_out:
@@ -368,7 +386,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
             WRITE_OUT=write_out, PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f,
-            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim), num_warps=num_warps or warps_for(block_q, block_k),
+            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim), num_warps=num_warps,
         )
     if write_out:
         return out, den, stab
