@@ -433,3 +433,20 @@ def test_sparse_corrected_chain_with_kronecker_kernels(is_causal):
     }
     for a, b in zip(results["triton"][1:], results["reference"][1:]):
         assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sparse_corrected_chain_is_finite_at_large_norms(dtype, is_causal):
+    """Query and key norms of 25 (logit bound ~80): no inf or NaN, no group needs the underflow fallback."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 512, 64, generator=gen) for _ in range(2))
+    q, k = (x / x.norm(dim=-1, keepdim=True) * 25 for x in (q, k))
+    v = torch.randn(1, 2, 512, 64, generator=gen)
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    stats = lora.ChainedGradientStats()
+    out = lora.chained_lowrank_attention(q, k, v, is_causal=is_causal, threshold=0, sparse="lsh", bucket_size=64,
+                                         num_features=64, seed=0, stats=stats)
+    out.float().pow(2).sum().backward()
+    assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in (q, k, v))
+    assert (stats.sparse, stats.fallback) == (2, 0)
