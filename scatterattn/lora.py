@@ -154,7 +154,9 @@ def sparse_corrected_factors(q, k, feature_matrix, scale, plan, *, is_causal=Fal
     row_max = torch.nn.functional.pad(lq.amax(-1), (0, 1), value=float("-inf"))
     row_max = row_max.scatter_reduce(-1, tiles.q_flat, scores.amax(-1).flatten(3), reduce="amax")
     row_max = reference._finite_or_zero(row_max)  # (B, Hkv, G, N + 1); slot N for empty tile slots
-    p = torch.exp(lq - row_max[..., :n_q, None])
+    # feature_logits is log(sqrt(m) phi): P . V1 = m exp(-r) phi(q) . phi(k), hence the 1 / m that
+    # puts the low-rank term on the scale of exp(s - r) (it cancels in the plain chain, not here)
+    p = torch.exp(lq - row_max[..., :n_q, None]) / feature_matrix.shape[0]
     exact = torch.exp(scores - tiles.take_rows(row_max.unsqueeze(-1)))  # 0 off the support
     low_rank = torch.einsum(
         "bhgrtqm,bhxrtkm->bhgrtqk",

@@ -358,10 +358,13 @@ def test_sparse_corrected_chain_equals_the_dense_formula(sparse, is_causal):
     qg, dog = q.reshape(1, 2, 2, n, dim), do.reshape(1, 2, 2, n, dim)
     gen = torch.Generator().manual_seed(0)
     w = sa.features.draw_feature_matrix(16, dim, generator=gen).double()
+    proj = sa.features.draw_hash_projections(2, dim, generator=gen)
     if sparse == "lsh":
-        plan = sa.sparsity.lsh_plan(q, k, bucket_size=8, hash_projections=sa.features.draw_hash_projections(2, dim, generator=gen))
+        plan = sa.sparsity.lsh_plan(q, k, bucket_size=8, hash_projections=proj)
+        settings = dict(sparse="lsh", bucket_size=8, n_hashes=2, hash_projections=proj)
     else:
         plan = sa.sparsity.local_plan(n, n, window=6, device=q.device)
+        settings = dict(sparse="local", window=6)
     scale = dim**-0.5
     u1, v1, correction, underflow = lora.sparse_corrected_factors(qg, k, w, scale, plan, is_causal=is_causal)
     assert not underflow.any()
@@ -369,6 +372,9 @@ def test_sparse_corrected_chain_equals_the_dense_formula(sparse, is_causal):
     assert 0 < support < 2 * 2 * n * n / 3  # partial: most pairs are off the support
     f = dense_corrected_matrix(u1, v1, correction, n, n, is_causal)
     assert (f.sum(-1) - 1).abs().max() < 1e-12
+    # it is Scatterbrain's matrix: exp(s) on the support, phi . phi elsewhere, row-normalised
+    implied = sa.implied_attention(q, k, num_features=16, feature_matrix=w.float(), is_causal=is_causal, **settings)
+    assert (f.reshape(implied.shape) - implied).abs().max() < 1e-12
     d_p = dog @ v.unsqueeze(2).transpose(-1, -2)
     d_s = f * d_p - (f * d_p).sum(-1, keepdim=True) * f
     assert d_s.sum(-1).abs().max() < 1e-12
