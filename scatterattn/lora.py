@@ -478,15 +478,15 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
 
 def _run_groups(tier, method, st, tensors, feature_matrix, grads, numeric):
     """Run `method` on the (batch, kv-head) groups selected by `tier` (B, Hkv) and write their
-    gradients into grads = [dq, dk, dv] and their underflow flags into `numeric`, in place."""
+    gradients into grads = [dq, dk, dv] (the list's tensors are replaced when the tier holds every
+    group) and their underflow flags into `numeric`, in place."""
     b_c, h_c = tier.nonzero(as_tuple=True)
     if not len(b_c):
         return
     q, k, v, do = tensors
-    if len(b_c) == tier.numel():  # every group: no gather
+    if len(b_c) == tier.numel():  # every group: no gather, no copy
         results = method(st, q, k, v, do, feature_matrix, st.key_valid)
-        for grad, result in zip(grads, results[:3]):
-            grad.copy_(result)
+        grads[:] = results[:3]
         numeric |= results[3]
         return
     kv_sel = None if st.key_valid is None else st.key_valid[b_c]
