@@ -32,11 +32,13 @@ import datetime
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import git_commit  # noqa: E402
 
 METHODS = ("exact", "chained")
 ISSUE_REFERENCE = {"n": 65536, "sdpa_fwdbwd_ms": 135.0, "sdpa_fwd_ms": 37.7, "device": "H200"}
@@ -247,16 +249,6 @@ def header_text(args, device) -> str:
             f"backend={args.backend}; scatterattn commit {git_commit()}")
 
 
-def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "scatterattn", "kernels"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (out or "unknown") + ("+dirty" if dirty else "")
 
 
 def device_slug(device) -> str:

@@ -40,12 +40,14 @@ import datetime
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_commit  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -59,17 +61,6 @@ RECOVERY_TOL = 0.05  # final eval loss within this many nats of exact counts as 
 MODES = ("partial", "full")
 
 
-def git_commit() -> str:
-    """Short commit of the repository (with '+dirty' when scatterattn/ has local changes), or 'unknown'."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "scatterattn"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -42,12 +42,14 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_commit  # noqa: E402
 
 import scatterattn
 from scatterattn import lora
@@ -63,17 +65,6 @@ CLUSTER_SPREAD = 0.3  # point = centre + CLUSTER_SPREAD * N(0, I)
 CHECK_TOL = 1e-6  # dv against Scatterbrain's f~^T dO: above this the chain's f~ is not Scatterbrain's
 
 
-def git_commit() -> str:
-    """Short commit of the repository (with '+dirty' when scatterattn/ has local changes), or 'unknown'."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "scatterattn"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def log_space(low: float, high: float, count: int) -> list[float]:
