@@ -235,19 +235,8 @@ def scatterbrain_attention_forward(
     _check_kwargs(kwargs, where)
     core = _get_core(module, query)
     p = core_dropout(core, dropout, where)
-    n_q = query.shape[2]
-    query, key, value, key_padding_mask, causal, front = _prepare(
-        module, query, key, value, attention_mask, is_causal, where
-    )
     extra = {"dropout_p": p} if p else {}
-    out = core(
-        query, key, value, scale=None if scaling is None else float(scaling), is_causal=causal,
-        key_padding_mask=key_padding_mask, **extra,
-    )
-    if front:
-        out = out[:, :, front:]
-    assert out.shape[2] == n_q
-    return out.transpose(1, 2).contiguous(), None
+    return _attend(core, module, query, key, value, attention_mask, scaling, is_causal, where, **extra)
 
 
 def lowrank_grad_attention_forward(
@@ -266,13 +255,21 @@ def lowrank_grad_attention_forward(
     _check_kwargs(kwargs, where)
     if dropout:
         raise ValueError(f"{where}: attention dropout (p={dropout}) is not supported by {LOWRANK_NAME}")
+    settings = dict(getattr(module, "scatterbrain_lowrank_kwargs", {}) or {})
+    return _attend(chained_lowrank_attention, module, query, key, value, attention_mask, scaling, is_causal, where,
+                   **settings)
+
+
+def _attend(attention, module, query, key, value, attention_mask, scaling, is_causal, where, **settings):
+    """Masks and cache alignment (`_prepare`), then attention(q, k, v, scale=, is_causal=,
+    key_padding_mask=, **settings); returns transformers' ((B, N, H, Dv), None)."""
     n_q = query.shape[2]
     query, key, value, key_padding_mask, causal, front = _prepare(
         module, query, key, value, attention_mask, is_causal, where
     )
-    out = chained_lowrank_attention(
+    out = attention(
         query, key, value, scale=None if scaling is None else float(scaling), is_causal=causal,
-        key_padding_mask=key_padding_mask, **dict(getattr(module, "scatterbrain_lowrank_kwargs", {}) or {}),
+        key_padding_mask=key_padding_mask, **settings,
     )
     if front:
         out = out[:, :, front:]
