@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .scatterbrain_common import NEG, feature_logits, load_key_chunk, load_query_tile, support_mask
+from .scatterbrain_common import (
+    NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row,
+)
 
 STATE_BLOCK_F = 32  # features per program of the query-state and per-key low-rank kernels
 from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions
@@ -154,10 +156,7 @@ def sparse_lowrank_bwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # program (tile t, query sub-block j): rows j*BLOCK_Q .. of tile t's query list, all of its keys
-    n_sub = tl.cdiv(TQ, BLOCK_Q)
-    pid_t = tl.program_id(0) // n_sub
-    q0 = (tl.program_id(0) % n_sub) * BLOCK_Q
+    pid_t, q0 = tile_and_first_row(TQ, BLOCK_Q)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H

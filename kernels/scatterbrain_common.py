@@ -55,6 +55,14 @@ def support_mask(qi, q_ok, kj, k_ok, Q_BUCKET_ROW, K_BUCKET_ROW, stride_qbr, str
 
 
 @triton.jit
+def tile_and_first_row(TQ, BLOCK_Q: tl.constexpr):
+    """Axis 0 of the sparse kernels' grid runs over (tile t, query sub-block j): a program takes rows
+    j * BLOCK_Q .. of tile t's query list and all of the tile's keys. Returns (t, j * BLOCK_Q)."""
+    n_sub = tl.cdiv(TQ, BLOCK_Q)
+    return tl.program_id(0) // n_sub, (tl.program_id(0) % n_sub) * BLOCK_Q
+
+
+@triton.jit
 def load_query_tile(Q_LIST, TQ, N, q_base, stride_qn, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     """A tile's query positions qi (N = empty), q_ok and q (BLOCK_Q, BLOCK_D)."""
     offs_q = tl.arange(0, BLOCK_Q)
