@@ -20,10 +20,6 @@ import tempfile
 import torch
 
 SM90_SHARED_LIMIT = 232448  # bytes of dynamic shared memory per block on H100/H200
-TORCH_TO_TRITON = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.bool: "i1",
-}
 
 
 class Recorder:
@@ -54,28 +50,6 @@ def restore(module, recorders) -> None:
         setattr(module, name, rec.kernel)
 
 
-def _signature(kernel, args, kwargs):
-    values = dict(zip(kernel.arg_names, args))
-    values.update(kwargs)
-    signature, constexprs = {}, {}
-    for param in kernel.params:
-        value = values[param.name]
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + TORCH_TO_TRITON[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
-            raise TypeError(f"{param.name}: cannot type {value!r}")
-    return signature, constexprs
-
-
 def resource_usage(cubin: bytes) -> dict:
     """{'registers', 'spill_stack'} of a cubin's kernel, from `cuobjdump --dump-resource-usage`."""
     import triton
@@ -94,22 +68,29 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def compile_launch(kernel, args, kwargs, *, arch: int = 90, usage: bool = False) -> dict:
-    """Compile one recorded launch. Returns {'kernel', 'shared', 'num_warps', 'blocks'} and, with
-    usage=True, 'registers' and 'spill_stack' (bytes per thread; 0 means no spills)."""
+    """Compile one recorded launch as the JIT would: the same binder specialises the arguments
+    (integers divisible by 16 and 16-byte aligned pointers get tt.divisibility = 16, integers equal
+    to 1 become constants), which decides vectorisation and so registers. Returns {'kernel',
+    'shared', 'num_warps', 'blocks'} and, with usage=True, 'registers' and 'spill_stack' (bytes per
+    thread; 0 means no spills). Uses the JIT's internal binder (same in triton 3.6 and 3.9)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    signature, constexprs = _signature(kernel, args, kwargs)
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options=options)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=target, options=options.__dict__)
     result = {
         "kernel": kernel.fn.__name__,
         "shared": compiled.metadata.shared,
         "num_warps": compiled.metadata.num_warps,
-        "blocks": {k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
+        "blocks": {k: v for k, v in bound.items() if k.startswith("BLOCK")},
     }
     if usage:
         result.update(resource_usage(compiled.asm["cubin"]))
@@ -183,15 +164,19 @@ def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backwar
     return {**fwd_rec, **bwd_rec}
 
 
-def record_chained(dtype):
-    """Run the chained-gradient Kronecker launchers (m 256, D 64) with the kernels recorded."""
+def record_chained(dtype, *, n=1024, dim=64, num_features=256, **config):
+    """Run the chained-gradient Kronecker launchers (m 256, D 64 by default) for inputs of `dtype`
+    (operands as `chained_grad.operand_dtype`) with the kernels recorded; config: launcher block
+    sizes / num_warps / num_stages. n = 1024 keeps the row counts and strides multiples of 16, as at
+    the benchmark's sequence lengths, so the binder specialises them as it would there."""
     from . import chained_grad
 
+    op_dtype = chained_grad.operand_dtype(dtype)
     recorders = record(chained_grad, ["kron_gram_kernel", "kron_rows_kernel"])
     try:
-        a, b, c = torch.rand(2, 100, 256), torch.randn(2, 100, 64).to(dtype), torch.randn(2, 100, 64).to(dtype)
-        chained_grad.kron_gram(a, b, c)
-        chained_grad.kron_rows(a, b, torch.zeros(2, 256, 64, 64))
+        a, b, c = torch.rand(2, n, num_features), torch.randn(2, n, dim), torch.randn(2, n, dim)
+        chained_grad.kron_gram(a, b, c, op_dtype=op_dtype, **config)
+        chained_grad.kron_rows(a, b, torch.zeros(2, num_features, dim, dim), op_dtype=op_dtype, **config)
     finally:
         restore(chained_grad, recorders)
     return recorders

@@ -209,15 +209,16 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int) -> tuple[in
     'backward', for query tiles of tq rows and key lists of tk keys.
 
     Chosen without a GPU, from the registers and spill stack of every configuration compiled for
-    sm_90 (bench/kernel_resources.py, bench/results/kernel_resources_triton3.6.0.md): the fewest
-    spills, then the larger tiles. Head dims above 64 halve the query sub-block. The backward holds
-    more tiles (dq, dk, the gradient rows) and takes key chunks of 16. To be confirmed on a GPU with
-    bench/kernel_configs.py.
+    sm_90 with the JIT's argument specialisation (bench/kernel_resources.py,
+    bench/results/kernel_resources_triton3.6.0.md): the fewest spills, then the larger tiles.
+    Forward: no spills at D = 64 or 128 (head dims above 64 take feature chunks of 16). Backward:
+    key chunks of 16; no spills at D = 64, 168 B/thread at D = 128 (the least of all 24 tried).
+    To be confirmed on a GPU with bench/kernel_configs.py.
     """
     wide = max(dim, v_dim) > 64
-    block_q = min(_pow2(tq), 64 if wide else 128)
+    block_q = min(_pow2(tq), 128)
     if kind == "forward":
-        block_k, block_f = min(_pow2(tk), 64), 32
+        block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32
         warps = 8 if block_q * block_k >= 64 * 64 else 4
     else:
         block_k, block_f = 16, 16
