@@ -1,10 +1,19 @@
 """Triton kernels for the chained low-rank attention backward (scatterattn/lora.py).
 
 The chain needs two products with row-wise Kronecker factors (a (x) b)_n = vec(a_n b_n^T):
-  * `kron_gram`:  M = sum_n (a_n (x) b_n) c_n^T     a (N, m), b (N, E), c (N, D) -> M (m, E, D)
-  * `kron_rows`:  out_n = (a_n (x) b_n) . M          -> out (N, D)
-Both build the (rows, chunk of m x E) Kronecker tile in registers from a and b and feed it to
-`tl.dot`; the N x (m E) matrix never exists in memory. Per (batch, head) slice; fp32 accumulation.
+  * `kron_gram`:  M[f, e, :] = sum_n a[n, f] b[n, e] c[n, :]    a (N, m), b (N, E), c (N, D) -> (m, E, D)
+  * `kron_rows`:  out[n, :]  = sum_{f, e} a[n, f] b[n, e] M[f, e, :]                          -> (N, D)
+Both run the feature index f (m of them, the long one) through the tensor cores and the column e
+of b as a loop with an elementwise weight, so the only non-tensor-core work is 1/(2 m) of the flops:
+  gram: for each e, M[:, e, :] = a^T (b[:, e] * c)        (contraction over rows n)
+  rows: out = sum_e b[:, e] * (a M[:, e, :])               (contraction over features f)
+The N x (m E) Kronecker matrix never exists, not even as a tile. Per (batch, head) slice.
+
+Precision: the dot operands (a, c, M) are cast to `operand_dtype` -- bf16 for half-precision
+inputs (as FlashAttention casts P and dS for its backward matmuls; bf16 rather than fp16 because
+a = D~^-1 phi(q) reaches 1e-7 and below), fp32 otherwise -- with fp32 accumulation; the weights
+b stay fp32. fp32 operands use TF32 tensor cores only when torch allows TF32 matmuls
+(`torch.backends.cuda.matmul.allow_tf32`), IEEE fp32 otherwise. Outputs are fp32.
 """
 
 import math
@@ -15,112 +24,125 @@ import triton.language as tl
 
 
 @triton.jit
-def _kron_tile(a_ptr, b_ptr, rows, n_ok, a0, M, E, stride_an, stride_bn,
-               BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_N, BLOCK_A * BLOCK_E) fp32 tile of a_n (x) b_n for features a0 .. a0 + BLOCK_A."""
-    offs_a = a0 + tl.arange(0, BLOCK_A)
-    offs_e = tl.arange(0, BLOCK_E)
-    a = tl.load(a_ptr + rows[:, None] * stride_an + offs_a[None, :],
-                mask=n_ok[:, None] & (offs_a[None, :] < M), other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + rows[:, None] * stride_bn + offs_e[None, :],
-                mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0).to(tl.float32)
-    return tl.reshape(a[:, :, None] * b[:, None, :], (BLOCK_N, BLOCK_A * BLOCK_E))
-
-
-@triton.jit
-def kron_gram_kernel(A, B, C, OUT, N, M, E, D,
-                     stride_ab, stride_an, stride_bb, stride_bn, stride_cb, stride_cn, stride_ob,
-                     PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-                     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_a = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    a0 = pid_a * BLOCK_A
+def kron_gram_kernel(A, BT, C, OUT, N, M, E, D,
+                     stride_ap, stride_an, stride_bp, stride_be, stride_cp, stride_cn, stride_op,
+                     PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Program (e, feature block, slice): OUT[f, e, :] for f in the block, over all N rows."""
+    e = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_p = tl.program_id(2).to(tl.int64)
+    offs_f = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    a_ptr = A + pid_bh * stride_ab
-    b_ptr = B + pid_bh * stride_bb
-    c_ptr = C + pid_bh * stride_cb
-    acc = tl.zeros((BLOCK_A * BLOCK_E, BLOCK_D), tl.float32)
+    a_ptr = A + pid_p * stride_ap
+    b_ptr = BT + pid_p * stride_bp + e * stride_be
+    c_ptr = C + pid_p * stride_cp
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         n_ok = rows < N
-        kron = _kron_tile(a_ptr, b_ptr, rows, n_ok, a0, M, E, stride_an, stride_bn, BLOCK_A, BLOCK_E, BLOCK_N)
+        a_t = tl.load(a_ptr + offs_f[:, None] + rows[None, :] * stride_an,
+                      mask=(offs_f[:, None] < M) & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
+        b_col = tl.load(b_ptr + rows, mask=n_ok, other=0.0)
         c = tl.load(c_ptr + rows[:, None] * stride_cn + offs_d[None, :],
                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        acc += tl.dot(tl.trans(kron).to(c.dtype), c, input_precision=PREC)
-    # row r of acc is (feature a0 + r // BLOCK_E, column r % BLOCK_E)
-    r = tl.arange(0, BLOCK_A * BLOCK_E)
-    feat = a0 + r // BLOCK_E
-    col = r % BLOCK_E
-    ok = (feat < M) & (col < E)
-    tl.store(OUT + pid_bh * stride_ob + (feat * E + col)[:, None] * D + offs_d[None, :], acc,
-             mask=ok[:, None] & (offs_d[None, :] < D))
+        acc = tl.dot(a_t, (c * b_col[:, None]).to(a_t.dtype), acc, input_precision=PREC)
+    tl.store(OUT + pid_p * stride_op + (offs_f[:, None] * E + e) * D + offs_d[None, :], acc,
+             mask=(offs_f[:, None] < M) & (offs_d[None, :] < D))
 
 
 @triton.jit
-def kron_rows_kernel(A, B, MID, OUT, N, M, E, D,
-                     stride_ab, stride_an, stride_bb, stride_bn, stride_mb, stride_ob, stride_on,
-                     PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-                     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def kron_rows_kernel(A, BT, MID, OUT, N, M, E, D,
+                     stride_ap, stride_an, stride_bp, stride_be, stride_mp, stride_op, stride_on,
+                     PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Program (row block, slice): OUT[n, :] for the block's rows."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
-    r = tl.arange(0, BLOCK_A * BLOCK_E)
+    a_ptr = A + pid_p * stride_ap
+    b_ptr = BT + pid_p * stride_bp
+    mid_ptr = MID + pid_p * stride_mp
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for a0 in range(0, M, BLOCK_A):
-        kron = _kron_tile(A + pid_bh * stride_ab, B + pid_bh * stride_bb, rows, n_ok, a0, M, E,
-                          stride_an, stride_bn, BLOCK_A, BLOCK_E, BLOCK_N)
-        feat = a0 + r // BLOCK_E
-        col = r % BLOCK_E
-        ok = (feat < M) & (col < E)
-        mid = tl.load(MID + pid_bh * stride_mb + (feat * E + col)[:, None] * D + offs_d[None, :],
-                      mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        acc += tl.dot(kron, mid, input_precision=PREC)
-    tl.store(OUT + pid_bh * stride_ob + rows[:, None] * stride_on + offs_d[None, :], acc,
+    for f0 in range(0, M, BLOCK_M):
+        offs_f = f0 + tl.arange(0, BLOCK_M)
+        a = tl.load(a_ptr + rows[:, None] * stride_an + offs_f[None, :],
+                    mask=n_ok[:, None] & (offs_f[None, :] < M), other=0.0)  # (BLOCK_N, BLOCK_M)
+        mid_ptrs = mid_ptr + offs_f[:, None] * (E * D) + offs_d[None, :]
+        mid_ok = (offs_f[:, None] < M) & (offs_d[None, :] < D)
+        for e in range(0, E):
+            b_col = tl.load(b_ptr + e * stride_be + rows, mask=n_ok, other=0.0)
+            mid = tl.load(mid_ptrs + e * D, mask=mid_ok, other=0.0)
+            acc += b_col[:, None] * tl.dot(a, mid, input_precision=PREC)
+    tl.store(OUT + pid_p * stride_op + rows[:, None] * stride_on + offs_d[None, :], acc,
              mask=n_ok[:, None] & (offs_d[None, :] < D))
 
 
-def _flat(x):
-    """(..., N, F) -> contiguous (P, N, F) with P the product of the leading dims."""
-    return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dot-operand dtype the launchers use for inputs of `dtype` (see the module docstring)."""
+    return torch.bfloat16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def _blocks(m, e):
-    block_e = max(1, triton.next_power_of_2(e))
-    block_a = max(1, min(triton.next_power_of_2(m), max(1, 256 // block_e)))
-    while block_a * block_e < 16:
-        block_a *= 2
-    return block_a, block_e
+def _precision(op_dtype: torch.dtype) -> str:
+    if op_dtype != torch.float32:
+        return "ieee"  # unused for 16-bit operands
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def kron_gram(a, b, c, *, block_n=32):
-    """sum_n (a_n (x) b_n) c_n^T: a (..., N, m), b (..., N, E), c (..., N, D) -> (..., m, E, D) fp32."""
+def _flat(x, dtype):
+    """(..., N, F) -> contiguous (P, N, F) of `dtype`, P the product of the leading dims."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1]).to(dtype).contiguous()
+
+
+def _weights_by_column(b):
+    """(..., N, E) -> contiguous fp32 (P, E, N): each column of b contiguous."""
+    return b.reshape(-1, b.shape[-2], b.shape[-1]).transpose(1, 2).to(torch.float32).contiguous()
+
+
+def _block(size: int, cap: int) -> int:
+    return max(16, min(triton.next_power_of_2(size), cap))
+
+
+def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=64, block_m=None, num_warps=None, num_stages=None):
+    """sum_n (a_n (x) b_n) c_n^T: a (..., N, m), b (..., N, E), c (..., N, D) -> (..., m, E, D) fp32.
+
+    Grid (E, feature blocks, slices); each program streams all N rows, so its accumulator is one
+    (BLOCK_M, D) block of the output. op_dtype: dtype of the dot operands a and b * c."""
     lead = a.shape[:-2]
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], c.shape[-1]
-    a_, b_, c_ = _flat(a), _flat(b), _flat(c.to(torch.float32) if c.dtype == torch.float64 else c)
+    a_, c_, bt = _flat(a, op_dtype), _flat(c, op_dtype), _weights_by_column(b)
     out = torch.empty(a_.shape[0], m * e, d, device=a.device, dtype=torch.float32)
-    block_a, block_e = _blocks(m, e)
-    prec = "ieee" if c_.dtype == torch.float32 else "tf32"
-    kron_gram_kernel[(math.ceil(m / block_a), a_.shape[0])](
-        a_, b_, c_, out, n, m, e, d,
-        a_.stride(0), a_.stride(1), b_.stride(0), b_.stride(1), c_.stride(0), c_.stride(1), out.stride(0),
-        PREC=prec, BLOCK_N=block_n, BLOCK_A=block_a, BLOCK_E=block_e, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    block_d = _block(d, 1024)
+    block_m = block_m or _block(m, 128 if block_d > 64 else 256)
+    num_warps = num_warps or (8 if block_m * block_d >= 128 * 64 else 4)
+    kron_gram_kernel[(e, math.ceil(m / block_m), a_.shape[0])](
+        a_, bt, c_, out, n, m, e, d,
+        a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), c_.stride(0), c_.stride(1), out.stride(0),
+        PREC=_precision(op_dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return out.reshape(*lead, m, e, d)
 
 
-def kron_rows(a, b, middle, *, block_n=32):
-    """(a_n (x) b_n) . middle: a (..., N, m), b (..., N, E), middle (..., m, E, D) -> (..., N, D) fp32."""
+def kron_rows(a, b, middle, *, op_dtype=torch.float32, block_n=64, block_m=None, num_warps=None, num_stages=None):
+    """(a_n (x) b_n) . middle: a (..., N, m), b (..., N, E), middle (..., m, E, D) -> (..., N, D) fp32.
+
+    middle broadcasts over a's leading dims. Grid (row blocks, slices); each program keeps its
+    (BLOCK_N, BLOCK_M) block of a and loops over the E columns of b. op_dtype: dtype of a and middle."""
     lead = a.shape[:-2]
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], middle.shape[-1]
-    a_, b_ = _flat(a), _flat(b)
-    mid = middle.to(torch.float32).expand(*lead, m, e, d).reshape(-1, m * e, d).contiguous()
+    a_, bt = _flat(a, op_dtype), _weights_by_column(b)
+    mid = middle.expand(*lead, m, e, d).reshape(-1, m * e, d).to(op_dtype).contiguous()
     out = torch.empty(a_.shape[0], n, d, device=a.device, dtype=torch.float32)
-    block_a, block_e = _blocks(m, e)
+    block_d = _block(d, 1024)
+    block_m = block_m or _block(m, 256 if block_d <= 64 else 128)
+    num_warps = num_warps or (8 if block_n >= 128 else 4)
     kron_rows_kernel[(math.ceil(n / block_n), a_.shape[0])](
-        a_, b_, mid, out, n, m, e, d,
-        a_.stride(0), a_.stride(1), b_.stride(0), b_.stride(1), mid.stride(0), out.stride(0), out.stride(1),
-        PREC="ieee", BLOCK_N=block_n, BLOCK_A=block_a, BLOCK_E=block_e, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        a_, bt, mid, out, n, m, e, d,
+        a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), mid.stride(0), out.stride(0), out.stride(1),
+        PREC=_precision(op_dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return out.reshape(*lead, n, d)

@@ -38,7 +38,9 @@ from .sparsity import local_plan, lsh_plan
 
 DEFAULT_THRESHOLD = 2.0  # logit bound: ~20% gradient error at m = 256 (bench/results/phase_transition.md)
 ROW_BLOCK = 256  # rows per block when contracting with the (m, Dv, D) middle factors
-CAUSAL_CHUNK = 64
+CAUSAL_CHUNK = 64  # rows per chunk of the causal chain, doubled while there would be more than
+MAX_CAUSAL_CHUNKS = 128  # chunks (a Python loop of ~15 tensor ops per chunk and pass: on a GPU
+# launch-bound at 64 rows; the exact intra-chunk part costs O(N chunk m), so chunks stay small)
 
 
 @dataclass
@@ -202,17 +204,18 @@ def exact_factors(q, k, scale, *, is_causal=False, key_valid=None):
 # ----------------------------------------------------------------------------- the chain
 
 
-def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=False, kernels=False, rho=None):
+def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=False, kernel_dtype=None, rho=None):
     """(dq, dk, dv) of attention for f = U1 V1^T (masked causally when is_causal), in O(N m D Dv).
 
     q (B, Hkv, G, N, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), grad_out (B, Hkv, G, N, Dv),
     u1 (B, Hkv, G, N, m), v1 (B, Hkv, S, m). Padded keys must have V1 rows of zero. With exact
-    factors (U1 = P, V1 = I) this is the exact attention backward. kernels=True computes the two
-    Kronecker products with the Triton kernels of scatterattn.kernels.chained_grad (fp32).
+    factors (U1 = P, V1 = I) this is the exact attention backward. kernel_dtype: None computes the
+    two Kronecker products with torch einsums; a dtype, with the Triton kernels of
+    scatterattn.kernels.chained_grad using dot operands of that dtype (fp32 accumulation).
     rho (B, Hkv, G, N, 1): dO_i . O~_i when f~ has more than this low-rank part (the sparse
     correction); by default computed from O~ = U1 V1^T V.
     """
-    gram, rows = _kron_ops(kernels)
+    gram, rows = _kron_ops(kernel_dtype)
     if is_causal:
         return _chain_causal(q, k, v, grad_out, u1, v1, scale, gram=gram, rows=rows, rho=rho)
     if rho is None:
@@ -220,26 +223,16 @@ def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=Fa
         rho = (grad_out * o_tilde).sum(-1, keepdim=True)
     m1 = gram(v1, v, k)  # (V1 (x) V)^T K: (B, Hkv, m, Dv, D)
     v1k = (v1.transpose(-1, -2) @ k).unsqueeze(2)  # V1^T K: (m, D)
-    dq = torch.cat(
-        [
-            rows(u1[..., r:r + ROW_BLOCK, :], grad_out[..., r:r + ROW_BLOCK, :], m1.unsqueeze(2))
-            for r in range(0, u1.shape[-2], ROW_BLOCK)
-        ],
-        dim=-2,
-    )
-    dq = scale * (dq - rho * (u1 @ v1k))
+    dq = scale * (rows(u1, grad_out, m1.unsqueeze(2)) - rho * (u1 @ v1k))
     m2 = gram(u1, grad_out, q).sum(2)  # (U1 (x) dO)^T Q, summed over the group
-    dk = torch.cat(
-        [rows(v1[..., r:r + ROW_BLOCK, :], v[..., r:r + ROW_BLOCK, :], m2) for r in range(0, v1.shape[-2], ROW_BLOCK)],
-        dim=-2,
-    )
+    dk = rows(v1, v, m2)
     u1_rho_q = torch.einsum("bhgna,bhgnd->bhad", u1, rho * q)  # U1^T diag(rho) Q, summed over G
     dk = scale * (dk - v1 @ u1_rho_q)
     dv = v1 @ torch.einsum("bhgna,bhgne->bhae", u1, grad_out)
     return dq, dk, dv
 
 
-def sparse_corrected_backward(q, k, v, grad_out, u1, v1, correction, scale, *, is_causal=False, kernels=False):
+def sparse_corrected_backward(q, k, v, grad_out, u1, v1, correction, scale, *, is_causal=False, kernel_dtype=None):
     """(dq, dk, dv) of attention for f~ = U1 V1^T + C~ (`sparse_corrected_factors`).
 
     The low-rank part goes through the chain (O(N m D Dv)); the correction adds, on the support only
@@ -275,7 +268,7 @@ def sparse_corrected_backward(q, k, v, grad_out, u1, v1, correction, scale, *, i
     o_tilde = add_rows(o_low_rank, torch.einsum("bhgrtqk,bhxrtkd->bhgrtqd", weights, v_tiles))
     rho = (grad_out * o_tilde).sum(-1, keepdim=True)
     dq, dk, dv = chained_attention_backward(
-        q, k, v, grad_out, u1, v1, scale, is_causal=is_causal, kernels=kernels, rho=rho
+        q, k, v, grad_out, u1, v1, scale, is_causal=is_causal, kernel_dtype=kernel_dtype, rho=rho
     )
     d_p = torch.einsum("bhgrtqd,bhxrtkd->bhgrtqk", do_tiles, v_tiles)
     d_s = weights * (d_p - rows_of(rho))
@@ -285,17 +278,18 @@ def sparse_corrected_backward(q, k, v, grad_out, u1, v1, correction, scale, *, i
     return dq, dk, dv
 
 
-def _kron_ops(kernels: bool):
-    """(gram, rows): the torch versions below, or the Triton kernels (results cast back)."""
-    if not kernels:
+def _kron_ops(kernel_dtype):
+    """(gram, rows): the torch versions below (kernel_dtype None), or the Triton kernels with dot
+    operands of kernel_dtype (results cast back to the compute dtype)."""
+    if kernel_dtype is None:
         return _kron_gram, _kron_rows
     from .kernels import chained_grad
 
     def gram(a, b, c):
-        return chained_grad.kron_gram(a, b, c).to(a.dtype)
+        return chained_grad.kron_gram(a, b, c, op_dtype=kernel_dtype).to(a.dtype)
 
     def rows(a, b, middle):
-        return chained_grad.kron_rows(a, b, middle).to(a.dtype)
+        return chained_grad.kron_rows(a, b, middle, op_dtype=kernel_dtype).to(a.dtype)
 
     return gram, rows
 
@@ -312,15 +306,30 @@ def _kron_gram(a, b, c):
 
 
 def _kron_rows(a, b, middle):
-    """Rows (a_i (x) b_i) . middle, middle (..., m, Dv, D): sum_{a,e} a_ia b_ie middle[a, e, :]."""
-    return torch.einsum("...na,...ne,...aed->...nd", a, b, middle)
+    """Rows (a_i (x) b_i) . middle, middle (..., m, Dv, D): sum_{a,e} a_ia b_ie middle[a, e, :], in
+    blocks of rows (einsum may form the (rows, m, Dv) Kronecker block)."""
+    return torch.cat(
+        [torch.einsum("...na,...ne,...aed->...nd", a[..., r:r + ROW_BLOCK, :], b[..., r:r + ROW_BLOCK, :], middle)
+         for r in range(0, a.shape[-2], ROW_BLOCK)],
+        dim=-2,
+    )
 
 
-def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chunk=CAUSAL_CHUNK, rho=None):
+def causal_chunk(n: int) -> int:
+    """Rows per chunk of the causal chain for sequences of n rows (see MAX_CAUSAL_CHUNKS)."""
+    chunk = CAUSAL_CHUNK
+    while math.ceil(n / chunk) > MAX_CAUSAL_CHUNKS:
+        chunk *= 2
+    return chunk
+
+
+def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chunk=None, rho=None):
     """Causal chain (key j visible to query i when j <= i): exact products inside a chunk, running
     prefix states (forward in i) for dq and suffix states (backward in j) for dk, dv. rho: as
-    `chained_attention_backward` (None: from the low-rank O~)."""
+    `chained_attention_backward` (None: from the low-rank O~). chunk: default `causal_chunk`; the
+    result does not depend on it (up to rounding)."""
     n_q, n_k = q.shape[-2], k.shape[-2]
+    chunk = chunk or causal_chunk(max(n_q, n_k))
     length = math.ceil(max(n_q, n_k) / chunk) * chunk
 
     def pad_rows(x, n):
@@ -402,7 +411,7 @@ class ChainSettings:
     sparse_threshold: float | None
     stats: ChainedGradientStats | None
     exact_factors: bool
-    kernels: bool
+    kernel_dtype: torch.dtype | None  # dot operands of the Kronecker kernels; None: torch einsums
     sparse: ScatterbrainConfig | None = None
     hash_projections: torch.Tensor | None = None
 
@@ -506,7 +515,7 @@ def _chain_groups(st, q, k, v, do, feature_matrix, key_valid):
             q, k, feature_matrix, st.scale, is_causal=st.is_causal, key_valid=key_valid
         )
         numeric = underflow.flatten(2).any(-1)
-    dq, dk, dv = chained_attention_backward(q, k, v, do, u1, v1, st.scale, is_causal=st.is_causal, kernels=st.kernels)
+    dq, dk, dv = chained_attention_backward(q, k, v, do, u1, v1, st.scale, is_causal=st.is_causal, kernel_dtype=st.kernel_dtype)
     return dq, dk, dv, numeric
 
 
@@ -522,7 +531,7 @@ def _sparse_chain_groups(st, q, k, v, do, feature_matrix, key_valid):
         q, k, feature_matrix, st.scale, plan, is_causal=st.is_causal, key_valid=key_valid
     )
     dq, dk, dv = sparse_corrected_backward(
-        q, k, v, do, u1, v1, correction, st.scale, is_causal=st.is_causal, kernels=st.kernels
+        q, k, v, do, u1, v1, correction, st.scale, is_causal=st.is_causal, kernel_dtype=st.kernel_dtype
     )
     return dq, dk, dv, underflow.flatten(2).any(-1)
 
@@ -574,10 +583,11 @@ def chained_lowrank_attention(
     `factors="exact"` uses U1 = P, V1 = I (O(N S) memory; the chain is then the exact backward: a
     check of the algebra). Random parameters as `scatterbrain_attention` (the same seed draws the
     same feature matrix and hash projections). `backend`: 'reference' (torch einsums), 'triton' (the
-    Kronecker products as Triton kernels; fp16, bf16, fp32 inputs, CUDA or TRITON_INTERPRET=1) or
-    'auto' (Triton on CUDA, else reference); the sparse correction is torch gathers either way.
+    Kronecker products as Triton kernels; fp16, bf16, fp32 inputs, CUDA or TRITON_INTERPRET=1; bf16
+    tensor-core operands for 16-bit inputs, see scatterattn.kernels.chained_grad) or 'auto' (Triton
+    on CUDA, else reference); the sparse correction is torch gathers either way.
     """
-    kernels = _use_kernels(backend, query)
+    kernel_dtype = _kernel_dtype(backend, query)
     if factors not in ("random", "exact"):
         raise ValueError(f"factors must be 'random' or 'exact', got {factors!r}")
     validate_qkv(query, key, value, key_padding_mask, scale)
@@ -608,22 +618,27 @@ def chained_lowrank_attention(
     settings = ChainSettings(
         scale=default_scale(scale, dim), is_causal=bool(is_causal),
         key_valid=None if key_padding_mask is None else ~key_padding_mask, threshold=threshold,
-        sparse_threshold=sparse_threshold, stats=stats, exact_factors=factors == "exact", kernels=kernels,
+        sparse_threshold=sparse_threshold, stats=stats, exact_factors=factors == "exact", kernel_dtype=kernel_dtype,
         sparse=None if sparse == "none" else config,
         hash_projections=hash_projections if sparse == "lsh" else None,
     )
     return ChainedLowRankAttentionFunction.apply(query, key, value, w, settings)
 
 
-def _use_kernels(backend: str, query: torch.Tensor) -> bool:
+def _kernel_dtype(backend: str, query: torch.Tensor) -> torch.dtype | None:
+    """The Kronecker kernels' operand dtype for this backend and input (None: torch einsums)."""
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'reference', 'triton'), got {backend!r}")
     if backend == "reference":
-        return False
+        return None
     reason = triton_backend.unsupported_reason(query, is_causal=False)
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
-    return reason is None and (backend == "triton" or query.device.type == "cuda")
+    if reason is not None or (backend == "auto" and query.device.type != "cuda"):
+        return None
+    from .kernels import chained_grad
+
+    return chained_grad.operand_dtype(query.dtype)
 
 
 class ChainedLowRankAttention(ScatterbrainAttention):

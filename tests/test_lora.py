@@ -273,14 +273,44 @@ def test_kronecker_kernels_match_the_torch_chain(is_causal):
         assert rel(a, b) < 1e-5
 
 
-def test_kernel_products_directly():
+@pytest.mark.parametrize("op_dtype,tol", [(torch.float32, 1e-6), (torch.float16, 4e-3)], ids=["fp32", "fp16-operands"])
+@pytest.mark.parametrize("blocks", [{}, {"block_n": 16, "block_m": 16, "num_warps": 2}], ids=["default", "small-blocks"])
+def test_kernel_products_directly(op_dtype, tol, blocks):
+    """kron_gram / kron_rows against the einsums: N = 37 (not a block multiple), m = 24 (two feature
+    blocks of 16 with small blocks), E = 5, D = 20; fp16 operands exercise the 16-bit operand path
+    (bf16 on GPUs; the interpreter's bf16 dot is wrong), whose tolerance is fp16 rounding."""
     from scatterattn.kernels import chained_grad
 
     gen = torch.Generator().manual_seed(0)
     a, b, c = torch.rand(2, 37, 24, generator=gen), torch.randn(2, 37, 5, generator=gen), torch.randn(2, 37, 20, generator=gen)
-    gram = chained_grad.kron_gram(a, b, c)
-    assert rel(gram, lora._kron_gram(a, b, c)) < 1e-6
-    assert rel(chained_grad.kron_rows(a, b, gram), lora._kron_rows(a, b, gram)) < 1e-6
+    gram = chained_grad.kron_gram(a, b, c, op_dtype=op_dtype, **blocks)
+    assert gram.dtype == torch.float32
+    assert rel(gram, lora._kron_gram(a.double(), b.double(), c.double()).float()) < tol
+    rows = chained_grad.kron_rows(a, b, gram, op_dtype=op_dtype, **blocks)
+    assert rel(rows, lora._kron_rows(a.double(), b.double(), gram.double()).float()) < tol
+
+
+def test_kernel_operand_dtype_policy():
+    """16-bit inputs get bf16 tensor-core operands (fp16 would flush D~^-1 phi(q) to zero), fp32 stays fp32."""
+    from scatterattn.kernels import chained_grad
+
+    assert chained_grad.operand_dtype(torch.bfloat16) == torch.bfloat16
+    assert chained_grad.operand_dtype(torch.float16) == torch.bfloat16
+    assert chained_grad.operand_dtype(torch.float32) == torch.float32
+
+
+def test_causal_chain_does_not_depend_on_the_chunk():
+    """The causal chain's chunking (64 rows, doubled beyond 128 chunks) changes cost, not results:
+    chunks of 16, 48 (N = 150 is no multiple of either) and 256 (one chunk) agree to 1e-12."""
+    q, k, v, do = qkv(batch=1, heads=2, kv_heads=1, n=150, dim=8, v_dim=5, gamma=0.5)
+    qg, dog = (x.reshape(1, 1, 2, 150, -1) for x in (q, do))
+    u1, v1, _ = lora.random_feature_factors(qg, k, torch.randn(16, 8, dtype=F64), 8**-0.5, is_causal=True)
+    results = [lora._chain_causal(qg, k, v, dog, u1, v1, 8**-0.5, gram=lora._kron_gram, rows=lora._kron_rows,
+                                  chunk=chunk) for chunk in (16, 48, 256)]
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert rel(a, b) < 1e-12
+    assert [lora.causal_chunk(n) for n in (1, 8192, 8193, 65536)] == [64, 64, 128, 512]
 
 
 def test_factor_underflow_falls_back_instead_of_nan():
