@@ -12,12 +12,16 @@ Formulas: shared/docs/scatterbrain-math.md, "Backward", in the stabilised units 
     u_jf = Kt_jf (v_j . QG_f - qd_f - sum_{i: j in Sup_i} dA_ij P_if)  with qd_f = sum_i delta_i P_if
     dq_i += sqrt(tau) W^T u_i - tau q_i sum_f u_if   (and the same for dk_j with u_j, k_j)
 Kernels:
+  * row_delta_kernel: delta_i = (dO_i . O_i) / den_i (G itself is never stored: every kernel forms
+    G_i = dO_i / den_i from the upstream gradient as it loads it);
   * query_state_kernel: QG and qd (split over queries, partial sums added on the host);
   * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv);
   * sparse_lowrank_bwd_kernel: per tile of a round, dq (the round-0 low-rank term and the support
-    terms; read-add-write, a query is in one tile per round) and the support terms of dk and dv
-    (atomic adds: a key can sit in several tiles and serves every head of its group).
-Everything is recomputed from q, k, v, W and the saved (den, r); nothing of size N x m is stored.
+    terms; a query is in one tile per round, so earlier rounds add into an fp32 sum and the last
+    writes dq in the input dtype) and the support terms of dk and dv (atomic adds in fp32: a key
+    can sit in several tiles and serves every head of its group).
+Everything is recomputed from q, k, v, W and the saved (den, r); nothing of size N x m is stored,
+and no fp32 copy of dO or of dq (with one round) is made.
 """
 
 import math
@@ -35,8 +39,29 @@ from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions
 
 
 @triton.jit
+def row_delta_kernel(GRAD_OUT, OUT, INV_DEN, DELTA, stride_gb, stride_gh, stride_gn,
+                     stride_ob, stride_oh, stride_on, H, N, DV,
+                     BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta (B, H, N) contiguous fp32 = (dO . O) * inv_den per row, in fp32."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_n[:, None] < N) & (offs_dv[None, :] < DV)
+    d_out = tl.load(GRAD_OUT + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn + offs_dv[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(OUT + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on + offs_dv[None, :],
+                  mask=mask, other=0.0).to(tl.float32)
+    rows = pid_bh.to(tl.int64) * N + offs_n
+    inv_den = tl.load(INV_DEN + rows, mask=offs_n < N, other=0.0)
+    tl.store(DELTA + rows, tl.sum(d_out * out, 1) * inv_den, mask=offs_n < N)
+
+
+@triton.jit
 def query_state_kernel(
-    Q, GRAD, DELTA, STAB, W, G, QG_PART, QD_PART,
+    Q, GRAD_OUT, INV_DEN, DELTA, STAB, W, G, QG_PART, QD_PART,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn, stride_sb, stride_sh,
     stride_wm, H, GROUP, N, M, D, DV, rows_per_split, tau, sqrt_tau, inv_m,
     PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -55,7 +80,7 @@ def query_state_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    grad_base = GRAD + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    grad_base = GRAD_OUT + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
     stat_base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
     qg = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
     qd = tl.zeros((BLOCK_F,), tl.float32)
@@ -65,8 +90,9 @@ def query_state_kernel(
         n_ok = offs_n < N
         q = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :],
                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        inv_den = tl.load(INV_DEN + stat_base + offs_n, mask=n_ok, other=0.0)
         grad = tl.load(grad_base + offs_n[:, None] * stride_gn + offs_dv[None, :],
-                       mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                       mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32) * inv_den[:, None]
         delta = tl.load(DELTA + stat_base + offs_n, mask=n_ok, other=0.0)
         row = tl.load(STAB + stat_base + offs_n, mask=n_ok, other=0.0)
         qf = q.to(tl.float32)
@@ -134,8 +160,8 @@ def key_lowrank_bwd_kernel(
 
 @triton.jit
 def sparse_lowrank_bwd_kernel(
-    Q, K, V, W, KV, Z, G, GRAD, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, Q_BUCKET, K_BUCKET,
-    DQ, DK, DV_OUT,
+    Q, K, V, W, KV, Z, G, GRAD_OUT, INV_DEN, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, Q_BUCKET, K_BUCKET,
+    DQ, DQ_OUT, DK, DV_OUT,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -151,7 +177,8 @@ def sparse_lowrank_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     H, GROUP, N, S, M, D, DV, TQ, TK, ROUND, BAND, tau, sqrt_tau, inv_m,
-    HAS_FEATURES: tl.constexpr, ADD_LOW_RANK: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_FEATURES: tl.constexpr, ADD_LOW_RANK: tl.constexpr, READ_DQ: tl.constexpr, LAST_ROUND: tl.constexpr,
+    HAS_VALID: tl.constexpr,
     HAS_BAND: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -173,8 +200,10 @@ def sparse_lowrank_bwd_kernel(
     stat = b64 * stride_sb + h.to(tl.int64) * stride_sh + qi
     row = tl.load(STAB + stat, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
-    grad = tl.load(GRAD + b64 * stride_gb + h.to(tl.int64) * stride_gh + qi[:, None].to(tl.int64) * stride_gn
+    inv_den = tl.load(INV_DEN + stat, mask=q_ok, other=0.0)
+    grad = tl.load(GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh + qi[:, None].to(tl.int64) * stride_gn
                    + offs_dv[None, :], mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    grad = grad.to(tl.float32) * inv_den[:, None]  # G = dO / den
     k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
 
@@ -247,10 +276,14 @@ def sparse_lowrank_bwd_kernel(
                       + offs_dv[None, :], dv, mask=k_ok[:, None] & (offs_dv[None, :] < DV))
 
     dq = dq - qf * (uq_sum * tau)[:, None]
-    dq_ptr = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + qi[:, None].to(tl.int64) * stride_dqn \
-        + offs_d[None, :]
+    dq_off = b64 * stride_dqb + h.to(tl.int64) * stride_dqh + qi[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
     dq_mask = q_ok[:, None] & (offs_d[None, :] < D)
-    tl.store(dq_ptr, tl.load(dq_ptr, mask=dq_mask, other=0.0) + dq, mask=dq_mask)
+    if READ_DQ:  # the fp32 sum of the earlier rounds
+        dq += tl.load(DQ + dq_off, mask=dq_mask, other=0.0)
+    if LAST_ROUND:
+        tl.store(DQ_OUT + dq_off, dq.to(DQ_OUT.dtype.element_ty), mask=dq_mask)
+    else:
+        tl.store(DQ + dq_off, dq, mask=dq_mask)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -272,14 +305,18 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     m = w.shape[0] if has_features else 0
     prec, fp32_prec = precisions(q.dtype)
     sqrt_tau, inv_m = math.sqrt(tau), 1.0 / max(m, 1)
-    has_rows = den > 0
-    grad = torch.where(has_rows.unsqueeze(-1), grad_out.float() / torch.where(has_rows, den, 1.0).unsqueeze(-1), 0.0)
-    delta = (grad * out.float()).sum(-1).contiguous()
-    grad = grad.contiguous()
-    dq = torch.zeros(batch, heads, n_q, dim, device=device, dtype=torch.float32)
+    grad = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    stab = stab.contiguous()
+    inv_den = torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0).contiguous()  # rows without keys: 0
+    delta = torch.empty_like(inv_den)
+    row_delta_kernel[(triton.cdiv(n_q, block_s), batch * heads)](
+        grad, out, inv_den, delta, grad.stride(0), grad.stride(1), grad.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), heads, n_q, v_dim,
+        BLOCK_N=block_s, BLOCK_DV=_pow2(v_dim),
+    )
     dk = torch.zeros(batch, kv_heads, n_k, dim, device=device, dtype=torch.float32)
     dv = torch.zeros(batch, kv_heads, n_k, v_dim, device=device, dtype=torch.float32)
-    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dq
+    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dk
     valid_stride = valid.stride(0) if key_valid is not None else 0
 
     if has_features:
@@ -290,7 +327,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         qg_part = torch.empty(batch * heads, n_splits, m, v_dim, device=device, dtype=torch.float32)
         qd_part = torch.empty(batch * heads, n_splits, m, device=device, dtype=torch.float32)
         query_state_kernel[(n_splits, triton.cdiv(m, STATE_BLOCK_F), batch * heads)](
-            q, grad, delta, stab, w, g, qg_part, qd_part,
+            q, grad, inv_den, delta, stab, w, g, qg_part, qd_part,
             q.stride(0), q.stride(1), q.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
             stab.stride(0), stab.stride(1), w.stride(0), heads, group, n_q, m, dim, v_dim,
             rows_per_split, tau, sqrt_tau, inv_m,
@@ -307,18 +344,22 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             BLOCK_S=block_s, BLOCK_F=STATE_BLOCK_F, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
         )
     else:
-        kv = z = g = dq  # unused pointers
-    w_arg = w if has_features else dq
+        kv = z = g = dk  # unused pointers
+    w_arg = w if has_features else dk
 
     tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
+    # dq: each query sits in exactly one tile per round, so the last round writes it in q's dtype;
+    # an fp32 accumulator carries the earlier rounds (none with one round)
+    dq = torch.empty(batch, heads, n_q, dim, device=device, dtype=q.dtype)
+    dq_acc = dq if tiles.n_rounds == 1 else torch.empty(batch, heads, n_q, dim, device=device, dtype=torch.float32)
     default = launch_config("backward", tiles.tq, tiles.tk, dim, v_dim)
     block_q, block_k, block_f, num_warps = (
         given or fallback for given, fallback in zip((block_q, block_k, block_f, num_warps), default))
     for r in range(tiles.n_rounds):
         qi, kj = tiles.q_index[:, :, r], tiles.k_index[:, :, r]
         sparse_lowrank_bwd_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, block_q), batch * heads)](
-            q, k, v, w_arg, kv, z, g, grad, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
-            dq, dk, dv,
+            q, k, v, w_arg, kv, z, g, grad, inv_den, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
+            dq_acc, dq, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -335,9 +376,10 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             dv.stride(0), dv.stride(1), dv.stride(2),
             heads, group, n_q, n_k, m, dim, v_dim, tiles.tq, tiles.tk, r, tiles.band, tau, sqrt_tau, inv_m,
             HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
+            READ_DQ=r > 0, LAST_ROUND=r == tiles.n_rounds - 1,
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
             PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
             num_warps=num_warps,
         )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

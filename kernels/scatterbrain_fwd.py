@@ -212,7 +212,7 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int) -> tuple[in
     sm_90 with the JIT's argument specialisation (bench/kernel_resources.py,
     bench/results/kernel_resources_triton3.6.0.md): the fewest spills, then the larger tiles.
     Forward: no spills at D = 64 or 128 (head dims above 64 take feature chunks of 16). Backward:
-    key chunks of 16; no spills at D = 64, 168 B/thread at D = 128 (the least of all 24 tried).
+    key chunks of 16; no spills at D = 64, 104 B/thread at D = 128 (the least of all 24 tried).
     To be confirmed on a GPU with bench/kernel_configs.py.
     """
     wide = max(dim, v_dim) > 64
