@@ -42,7 +42,7 @@ stage "Scatterbrain kernel benchmark" 200 "$out_dir/bench_kernels.log" python3 b
 stage "chained low-rank gradient benchmark" 90 "$out_dir/bench_lora.log" python3 bench/lora_backward.py --out bench/results
 stage "interpreter-shape kernel tests, compiled" 90 "$out_dir/gpu_kernel_tests.log" \
   python3 -m pytest tests/test_kernels.py -q -p no:cacheprovider
-stage "launch configurations (N 16k)" 60 "$out_dir/kernel_configs.log" python3 bench/kernel_configs.py
+stage "launch configurations (N 16k)" 100 "$out_dir/kernel_configs.log" python3 bench/kernel_configs.py
 cp bench/results/kernels-* bench/results/lora-backward-* "$out_dir"/ 2>/dev/null || true
 
 echo "== summary (${SECONDS}s of ${budget}s)"

@@ -1,4 +1,4 @@
-"""Time the Scatterbrain forward and backward kernels under several launch configurations (GPU).
+"""Time the Scatterbrain and chained-gradient kernels under several launch configurations (GPU).
 
 The launch defaults (query sub-block BLOCK_Q, key chunk BLOCK_K, feature block BLOCK_F, num_warps)
 were chosen without a GPU, from the register and spill counts of `bench/kernel_resources.py`. This
@@ -9,7 +9,8 @@ kernels are not affected), and prints the fastest per kernel:
     python bench/kernel_configs.py --seq-len 65536 --head-dim 128
 
 Times are medians of triton.testing.do_bench (ms) of the whole launcher call (`sparse_lowrank_forward`,
-`sparse_lowrank_backward`: its state kernels too, which no configuration changes), on one LSH plan.
+`sparse_lowrank_backward`: its state kernels too, which no configuration changes), on one LSH plan;
+then the chained gradient's `kron_gram` and `kron_rows` (bf16 operands, m 256, E = D, same N and H).
 Needs CUDA.
 """
 
@@ -26,17 +27,40 @@ FORWARD = [None, (64, 64, 32, 4), (64, 64, 16, 4), (64, 128, 32, 8), (128, 64, 1
            (128, 128, 32, 8), (64, 32, 32, 4)]
 BACKWARD = [None, (64, 32, 16, 4), (64, 32, 32, 4), (64, 64, 16, 8), (64, 16, 16, 4), (128, 16, 16, 8),
             (128, 32, 16, 8), (128, 64, 32, 8)]
+# chained gradient (block_n, block_m, num_warps), all spill-free in kernel_resources
+CHAINED = [None, (64, 128, 8), (64, 256, 8), (128, 128, 8), (32, 256, 4), (128, 256, 8)]
 
 
-def as_kwargs(config):
+def as_kwargs(config, names=("block_q", "block_k", "block_f", "num_warps")):
     if config is None:
         return {}
-    return dict(zip(("block_q", "block_k", "block_f", "num_warps"), config))
+    return dict(zip(names, config))
+
+
+def report(name, calls, legend):
+    """Time each (label, call); print them fastest first and a '- [name] fastest' line."""
+    import triton.testing
+
+    rows = []
+    for label, call in calls:
+        try:
+            call()
+            torch.cuda.synchronize()
+            ms = triton.testing.do_bench(call, return_mode="median")
+        except Exception as exc:  # a configuration that does not compile or run is reported, not fatal
+            print(f"{name} {label}: failed: {exc!r}"[:300])
+            continue
+        rows.append((ms, label))
+    rows.sort()
+    print(f"\n{name}: {legend} -> median ms")
+    for ms, label in rows:
+        print(f"  {label:24s} {ms:8.3f}")
+    if rows:
+        print(f"- [{name}] fastest: {rows[0][1]} at {rows[0][0]:.3f} ms", flush=True)
 
 
 def main(argv=None):
     import triton
-    import triton.testing
 
     import scatterattn as sa
     from scatterattn.kernels import scatterbrain_bwd, scatterbrain_fwd
@@ -68,31 +92,34 @@ def main(argv=None):
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"N {args.seq_len}, H {args.heads}, D {args.head_dim}, bf16, m {args.features}, bucket {args.bucket}")
     for name, configs in (("forward", FORWARD), ("backward", BACKWARD)):
-        rows = []
+        calls = []
         for config in configs:
             kwargs = as_kwargs(config)
             if name == "forward":
-                def call():
+                def call(kwargs=kwargs):
                     scatterbrain_fwd.sparse_lowrank_forward(q, k, v, w, state, plan, tau=tau, key_valid=None,
                                                             out_dtype=dtype, **kwargs)
             else:
-                def call():
+                def call(kwargs=kwargs):
                     scatterbrain_bwd.sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab,
                                                              tau=tau, key_valid=None, **kwargs)
-            try:
-                call()
-                torch.cuda.synchronize()
-                ms = triton.testing.do_bench(call, return_mode="median")
-            except Exception as exc:  # a configuration that does not compile or run is reported, not fatal
-                print(f"{name} {config}: failed: {exc!r}"[:300])
-                continue
-            rows.append((ms, "default" if config is None else str(config)))
-        rows.sort()
-        print(f"\n{name}: (block_q, block_k, block_f, num_warps) -> median ms")
-        for ms, label in rows:
-            print(f"  {label:24s} {ms:8.3f}")
-        if rows:
-            print(f"- [{name}] fastest: {rows[0][1]} at {rows[0][0]:.3f} ms")
+            calls.append(("default" if config is None else str(config), call))
+        report(name, calls, "(block_q, block_k, block_f, num_warps)")
+
+    from scatterattn.kernels import chained_grad
+
+    a = torch.rand(1, args.heads, args.seq_len, args.features, generator=gen, device=device) / args.seq_len
+    middle = chained_grad.kron_gram(a, v, k, op_dtype=dtype)
+    for name, launcher, operands in (("kron_gram", chained_grad.kron_gram, (a, v, k)),
+                                     ("kron_rows", chained_grad.kron_rows, (a, grad_out, middle))):
+        calls = []
+        for config in CHAINED:
+            kwargs = as_kwargs(config, ("block_n", "block_m", "num_warps"))
+
+            def call(kwargs=kwargs, launcher=launcher, operands=operands):
+                launcher(*operands, op_dtype=dtype, **kwargs)
+            calls.append(("default" if config is None else str(config), call))
+        report(name, calls, "(block_n, block_m, num_warps)")
 
 
 if __name__ == "__main__":

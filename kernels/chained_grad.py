@@ -105,7 +105,22 @@ def _block(size: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(size), cap))
 
 
-def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=64, block_m=None, num_warps=None, num_stages=None):
+def launch_config(kind: str, op_dtype: torch.dtype, m: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_M, num_warps) of `kron_gram` / `kron_rows` (kind 'gram' or 'rows').
+
+    Chosen without a GPU from registers and spills compiled for sm_90 (bench/kernel_resources.py):
+    every default is spill-free under triton 3.6 and 3.9. 16-bit operands: 64 rows, 256 features per
+    dot (128 above D = 64). fp32 operands hold more registers per element: 64 x 128 with TF32, and
+    32 x 64 with IEEE fp32 (its FMA dots spill kilobytes per thread at the 16-bit sizes).
+    """
+    if op_dtype == torch.float32 and _precision(op_dtype) == "ieee":
+        return 32, _block(m, 64), 8
+    cap = 128 if op_dtype == torch.float32 or d > 64 else 256
+    block_m = _block(m, cap)
+    return 64, block_m, (8 if kind == "gram" or op_dtype == torch.float32 else 4)
+
+
+def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=None, block_m=None, num_warps=None, num_stages=None):
     """sum_n (a_n (x) b_n) c_n^T: a (..., N, m), b (..., N, E), c (..., N, D) -> (..., m, E, D) fp32.
 
     Grid (E, feature blocks, slices); each program streams all N rows, so its accumulator is one
@@ -114,9 +129,9 @@ def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=64, block_m=None, num_
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], c.shape[-1]
     a_, c_, bt = _flat(a, op_dtype), _flat(c, op_dtype), _weights_by_column(b)
     out = torch.empty(a_.shape[0], m * e, d, device=a.device, dtype=torch.float32)
+    default = launch_config("gram", op_dtype, m, d)
+    block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
     block_d = _block(d, 1024)
-    block_m = block_m or _block(m, 128 if block_d > 64 else 256)
-    num_warps = num_warps or (8 if block_m * block_d >= 128 * 64 else 4)
     kron_gram_kernel[(e, math.ceil(m / block_m), a_.shape[0])](
         a_, bt, c_, out, n, m, e, d,
         a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), c_.stride(0), c_.stride(1), out.stride(0),
@@ -126,7 +141,7 @@ def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=64, block_m=None, num_
     return out.reshape(*lead, m, e, d)
 
 
-def kron_rows(a, b, middle, *, op_dtype=torch.float32, block_n=64, block_m=None, num_warps=None, num_stages=None):
+def kron_rows(a, b, middle, *, op_dtype=torch.float32, block_n=None, block_m=None, num_warps=None, num_stages=None):
     """(a_n (x) b_n) . middle: a (..., N, m), b (..., N, E), middle (..., m, E, D) -> (..., N, D) fp32.
 
     middle broadcasts over a's leading dims. Grid (row blocks, slices); each program keeps its
@@ -136,9 +151,9 @@ def kron_rows(a, b, middle, *, op_dtype=torch.float32, block_n=64, block_m=None,
     a_, bt = _flat(a, op_dtype), _weights_by_column(b)
     mid = middle.expand(*lead, m, e, d).reshape(-1, m * e, d).to(op_dtype).contiguous()
     out = torch.empty(a_.shape[0], n, d, device=a.device, dtype=torch.float32)
+    default = launch_config("rows", op_dtype, m, d)
+    block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
     block_d = _block(d, 1024)
-    block_m = block_m or _block(m, 256 if block_d <= 64 else 128)
-    num_warps = num_warps or (8 if block_n >= 128 else 4)
     kron_rows_kernel[(math.ceil(n / block_n), a_.shape[0])](
         a_, bt, mid, out, n, m, e, d,
         a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), mid.stride(0), out.stride(0), out.stride(1),
