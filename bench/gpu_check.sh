@@ -43,6 +43,9 @@ stage "chained low-rank gradient benchmark" 90 "$out_dir/bench_lora.log" python3
 stage "interpreter-shape kernel tests, compiled" 90 "$out_dir/gpu_kernel_tests.log" \
   python3 -m pytest tests/test_kernels.py -q -p no:cacheprovider
 stage "launch configurations (N 16k)" 100 "$out_dir/kernel_configs.log" python3 bench/kernel_configs.py
+stage "chained gradient: m 128 at 64k (the 10x question), causal at 8k and 64k" 90 "$out_dir/bench_lora_more.log" \
+  bash -c "python3 bench/lora_backward.py --out bench/results --features 128 --seq-lens 65536 &&
+           python3 bench/lora_backward.py --out bench/results --causal --seq-lens 8192 65536"
 cp bench/results/kernels-* bench/results/lora-backward-* "$out_dir"/ 2>/dev/null || true
 
 echo "== summary (${SECONDS}s of ${budget}s)"
@@ -51,4 +54,4 @@ for log in gpu_tests gpu_kernel_tests; do
 done
 sed -n '/^| N |/,/^$/p' "$out_dir/bench_kernels.log"
 grep -h "^- \[" "$out_dir/bench_kernels.log" "$out_dir/bench_lora.log" "$out_dir/kernel_configs.log" 2>/dev/null
-grep -h " ms " "$out_dir/bench_lora.log" 2>/dev/null | tail -8
+grep -h " ms " "$out_dir/bench_lora.log" "$out_dir/bench_lora_more.log" 2>/dev/null | grep -v "^|" | tail -14

@@ -3,6 +3,8 @@
     python bench/lora_backward.py                                   # CUDA: N = 1k, 4k, 16k, 64k; B 1, H 16, D 64, bf16
     python bench/lora_backward.py --out bench/results               # ... and write lora-backward-<date>-<device>.md
     python bench/lora_backward.py --device cpu --seq-lens 256 512   # CPU smoke test (no memory column)
+    python bench/lora_backward.py --out bench/results --causal      # ... lora-backward-causal-<date>-<device>.md
+    python bench/lora_backward.py --out bench/results --features 128 --seq-lens 65536   # ... -m128-
 
 For each N, on the same random Q, K, V (i.i.d. N(0, 1)) and upstream gradient:
 
@@ -304,7 +306,8 @@ def main(argv=None) -> list[dict]:
     text = format_markdown(rows, args, device)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"lora-backward-{datetime.date.today().isoformat()}-{device_slug(device)}.md")
+        variant = ("-causal" if args.causal else "") + ("" if args.features == 256 else f"-m{args.features}")
+        path = os.path.join(args.out, f"lora-backward{variant}-{datetime.date.today().isoformat()}-{device_slug(device)}.md")
         with open(path, "w") as fh:
             fh.write(text)
         print(f"wrote {path}", file=sys.stderr)
