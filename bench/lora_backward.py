@@ -1,10 +1,9 @@
 """Backward time and peak memory: chained low-rank attention gradient vs exact SDPA.
 
     python bench/lora_backward.py                                   # CUDA: N = 1k, 4k, 16k, 64k; B 1, H 16, D 64, bf16
-    python bench/lora_backward.py --out bench/results               # ... and write lora-backward-<date>-<device>.md
+    python bench/lora_backward.py --out bench/results               # ... and write lora-backward-m256-<date>-<device>.md
     python bench/lora_backward.py --device cpu --seq-lens 256 512   # CPU smoke test (no memory column)
-    python bench/lora_backward.py --out bench/results --causal      # ... lora-backward-causal-<date>-<device>.md
-    python bench/lora_backward.py --out bench/results --features 128 --seq-lens 65536   # ... -m128-
+    python bench/lora_backward.py --out bench/results --causal      # ... lora-backward-causal-m256-<date>-<device>.md
 
 For each N, on the same random Q, K, V (i.i.d. N(0, 1)) and upstream gradient:
 
@@ -285,7 +284,7 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["auto", "reference", "triton"], default="auto",
                    help="chained backward backend (default auto: Triton kernels on CUDA, torch on the CPU)")
     p.add_argument("--repeats", type=int, default=3, help="CPU: timed runs per measurement (default 3)")
-    p.add_argument("--out", default=None, help="directory for lora-backward-<date>-<device>.md (default: print only)")
+    p.add_argument("--out", default=None, help="directory for lora-backward[-causal]-m<m>-<date>-<device>.md (default: print only)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.device is None:
@@ -306,7 +305,7 @@ def main(argv=None) -> list[dict]:
     text = format_markdown(rows, args, device)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        variant = ("-causal" if args.causal else "") + ("" if args.features == 256 else f"-m{args.features}")
+        variant = ("-causal" if args.causal else "") + f"-m{args.features}"
         path = os.path.join(args.out, f"lora-backward{variant}-{datetime.date.today().isoformat()}-{device_slug(device)}.md")
         with open(path, "w") as fh:
             fh.write(text)

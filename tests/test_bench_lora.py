@@ -330,7 +330,7 @@ def test_backward_cpu_smoke(backward, tmp_path, capsys):
             assert r["fallback"] == 0 and r["approximate"] > 0  # threshold=None: nothing fell back
     out = capsys.readouterr().out
     assert "| N | method | fwd ms | bwd ms | fwd+bwd ms |" in out and "CPU" in out
-    path = tmp_path / f"lora-backward-{datetime.date.today().isoformat()}-cpu.md"
+    path = tmp_path / f"lora-backward-m16-{datetime.date.today().isoformat()}-cpu.md"
     assert path.read_text().strip() == out.strip()
 
 
