@@ -180,3 +180,15 @@ def record_chained(dtype, *, n=1024, dim=64, num_features=256, **config):
     finally:
         restore(chained_grad, recorders)
     return recorders
+
+
+def record_lsh_hash(dtype, *, n=1024, dim=64, n_hashes=2):
+    """Run the LSH hashing launcher (norms and projections of q) with the kernel recorded."""
+    from . import lsh_hash
+
+    recorders = record(lsh_hash, ["norms_and_projections_kernel"])
+    try:
+        lsh_hash.norms_and_projections(torch.randn(1, 4, n, dim).to(dtype), torch.randn(n_hashes, dim))
+    finally:
+        restore(lsh_hash, recorders)
+    return recorders

@@ -69,18 +69,18 @@ def lsh_plan(
     group = heads // kv_heads
     n_rounds = hash_projections.shape[0]
     with torch.no_grad():
-        q = query.detach().float().reshape(batch, kv_heads, group, n_q, dim)
-        k = key.detach().float()
-        proj = hash_projections.to(device=q.device, dtype=torch.float32)
-        q_sq = (q * q).sum(-1)  # (B, Hkv, G, N)
-        k_sq = (k * k).sum(-1)  # (B, Hkv, S)
+        proj = hash_projections.to(device=query.device, dtype=torch.float32)
+        q_sq, q_proj = norms_and_projections(query.detach(), proj[:, :dim])
+        q_sq = q_sq.reshape(batch, kv_heads, group, n_q)  # (B, Hkv, G, N)
+        q_proj = q_proj.reshape(batch, kv_heads, group, n_q, n_rounds)
+        k_sq, k_proj = norms_and_projections(key.detach(), proj[:, :dim])  # (B, Hkv, S), (B, Hkv, S, R)
         if key_valid is not None:
             k_sq = torch.where(key_valid[:, None, :], k_sq, torch.zeros_like(k_sq))
         m_sq = q_sq.amax(dim=(2, 3)) + k_sq.amax(dim=2)  # (B, Hkv)
         q_ext = (m_sq[:, :, None, None] - q_sq).clamp_min(0).sqrt()
         k_ext = (m_sq[:, :, None] - k_sq).clamp_min(0).sqrt()
-        q_hash = q @ proj[:, :dim].t() + q_ext.unsqueeze(-1) * proj[:, dim + 1]  # (B,Hkv,G,N,R)
-        k_hash = k @ proj[:, :dim].t() + k_ext.unsqueeze(-1) * proj[:, dim]  # (B,Hkv,S,R)
+        q_hash = q_proj + q_ext.unsqueeze(-1) * proj[:, dim + 1]  # (B,Hkv,G,N,R)
+        k_hash = k_proj + k_ext.unsqueeze(-1) * proj[:, dim]  # (B,Hkv,S,R)
         if key_valid is not None:
             k_hash = k_hash.masked_fill(~key_valid[:, None, :, None], float("inf"))
         q_hash = q_hash.reshape(batch, heads, n_q, n_rounds).transpose(-1, -2)  # (B,H,R,N)
@@ -104,7 +104,7 @@ def lsh_plan(
         # Query chunk t attends key bucket tile_bucket[b, t]. Without padding that is bucket t; with
         # padding only the first ceil(real keys / bucket_size) buckets hold real keys, and the query
         # chunks are spread evenly over those (a bucket may serve several chunks).
-        chunk_ids = torch.arange(n_buckets, device=q.device)
+        chunk_ids = torch.arange(n_buckets, device=query.device)
         if key_valid is None:
             tile_bucket = chunk_ids.expand(batch, n_buckets)
         else:
@@ -124,6 +124,21 @@ def lsh_plan(
             q_bucket=q_bucket,
             k_bucket=k_bucket,
         )
+
+
+def norms_and_projections(x: torch.Tensor, directions: torch.Tensor):
+    """(|x|^2 (..., N), x . a_r (..., N, R)) in fp32 for x (..., N, D) and directions (R, D) fp32.
+
+    On CUDA (fp16/bf16/fp32) a Triton kernel reads x once in its own dtype
+    (scatterattn.kernels.lsh_hash); elsewhere torch does it on an fp32 copy. The two agree up to
+    fp32 summation order, so hashes that tie to the last bit may sort differently across devices.
+    """
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from .kernels.lsh_hash import norms_and_projections as kernel
+
+        return kernel(x, directions)
+    xf = x.float()
+    return (xf * xf).sum(-1), xf @ directions.t()
 
 
 def _lsh_plan_by_key_position(q_hash, k_hash, k_order, bucket_size, n_buckets, real_buckets, kv_heads, n_q, n_k):

@@ -139,3 +139,44 @@ def test_query_sub_blocks_and_small_key_blocks(monkeypatch, name):
                         functools.partial(scatterbrain_bwd.sparse_lowrank_backward, **small))
     settings = dict(SETTINGS[name], bucket_size=32, window=40, num_features=24)
     check(torch.float32, 2, 4, 2, 70, 61, 16, settings, padded=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dim", [24, 64])
+def test_lsh_hash_kernel_matches_torch(dtype, dim):
+    """The fused hashing pass (|x|^2 and x . a_r from x in its own dtype; no dot, so bf16 is fine in
+    the interpreter) against torch on an fp32 copy: 1e-5 relative (fp32 summation order)."""
+    from scatterattn import sparsity
+    from scatterattn.kernels.lsh_hash import norms_and_projections
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 77, dim, generator=gen) * 3).to(dtype).to(DEVICE)
+    directions = torch.randn(3, dim, generator=gen).to(DEVICE)
+    sq, proj = norms_and_projections(x, directions)
+    xf = x.float()
+    assert sq.shape == (2, 3, 77) and proj.shape == (2, 3, 77, 3)
+    assert rel(sq, (xf * xf).sum(-1)) < 1e-5
+    assert rel(proj, xf @ directions.t()) < 1e-5
+    if DEVICE == "cpu":  # on CUDA lsh_plan uses the kernel anyway
+        assert sparsity.norms_and_projections(x, directions)[1].dtype == torch.float32
+
+
+def test_lsh_plan_same_with_the_hash_kernel(monkeypatch):
+    """lsh_plan with the fused hashing pass builds the same buckets as with torch (random inputs,
+    no ties), GQA and key padding included."""
+    from scatterattn import sparsity
+    from scatterattn.kernels.lsh_hash import norms_and_projections
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 150, 16, generator=gen).to(DEVICE)
+    k = torch.randn(2, 2, 130, 16, generator=gen).to(DEVICE)
+    valid = torch.ones(2, 130, dtype=torch.bool, device=DEVICE)
+    valid[1, -30:] = False
+    proj = draw_hash_projections(2, 16, generator=gen)
+    kw = dict(bucket_size=16, hash_projections=proj, key_valid=valid)
+    monkeypatch.setattr(sparsity, "norms_and_projections", lambda x, d: ((x.float() ** 2).sum(-1), x.float() @ d.t()))
+    with_torch = sparsity.lsh_plan(q, k, **kw)
+    monkeypatch.setattr(sparsity, "norms_and_projections", norms_and_projections)
+    with_kernel = sparsity.lsh_plan(q, k, **kw)
+    for name in ("q_index", "k_index", "q_bucket", "k_bucket"):
+        assert torch.equal(getattr(with_kernel, name), getattr(with_torch, name)), name

@@ -28,13 +28,15 @@ def compile_case(case: str, dtype_name: str) -> list[dict]:
     dtype = DTYPES[dtype_name]
     if case == "chained":
         recorders = oc.record_chained(dtype)
+    elif case == "lsh-hash":
+        recorders = oc.record_lsh_hash(dtype)
     else:
         recorders = oc.record_scatterbrain(dtype, oc.SCATTERBRAIN_CASES[case])
     return oc.compile_all(recorders)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("case", [*CASES, "chained"])
+@pytest.mark.parametrize("case", [*CASES, "chained", "lsh-hash"])
 def test_kernels_compile_for_sm90(case, dtype_name):
     from scatterattn.kernels.offline_compile import SCATTERBRAIN_CASES, SM90_SHARED_LIMIT
 
@@ -45,7 +47,10 @@ def test_kernels_compile_for_sm90(case, dtype_name):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in report}
-    expected = 2 if case == "chained" else (3 if SCATTERBRAIN_CASES[case]["num_features"] == 0 else 6)
+    if case in ("chained", "lsh-hash"):
+        expected = {"chained": 2, "lsh-hash": 1}[case]
+    else:
+        expected = 3 if SCATTERBRAIN_CASES[case]["num_features"] == 0 else 6
     assert len(kernels) == expected, report
     for launch in report:
         assert 0 < launch["shared"] <= SM90_SHARED_LIMIT, launch
