@@ -10,8 +10,9 @@ of b as a loop with an elementwise weight, so the only non-tensor-core work is 1
 The N x (m E) Kronecker matrix never exists, not even as a tile. Per (batch, head) slice.
 
 Precision: the dot operands (a, c, M) are cast to `operand_dtype` -- bf16 for half-precision
-inputs (as FlashAttention casts P and dS for its backward matmuls; bf16 rather than fp16 because
-a = D~^-1 phi(q) reaches 1e-7 and below), fp32 otherwise -- with fp32 accumulation; the weights
+inputs on CUDA (as FlashAttention casts P and dS for its backward matmuls; bf16 rather than fp16
+because a = D~^-1 phi(q) reaches 1e-7 and below), fp32 otherwise (also in the CPU interpreter,
+whose bf16 dot is wrong) -- with fp32 accumulation; the weights
 b stay fp32. fp32 operands use TF32 tensor cores only when torch allows TF32 matmuls
 (`torch.backends.cuda.matmul.allow_tf32`), IEEE fp32 otherwise. Outputs are fp32.
 """
@@ -52,11 +53,11 @@ def kron_gram_kernel(A, BT, C, OUT, N, M, E, D,
 
 
 @triton.jit
-def kron_rows_kernel(A, BT, MID, OUT, N, M, E, D,
+def kron_rows_kernel(A, BT, MID, OUT, N, M, E, D, MID_GROUP,
                      stride_ap, stride_an, stride_bp, stride_be, stride_mp, stride_op, stride_on,
                      PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
-    """Program (row block, slice): OUT[n, :] for the block's rows."""
+    """Program (row block, slice): OUT[n, :] for the block's rows; slice p reads middle p // MID_GROUP."""
     pid_n = tl.program_id(0)
     pid_p = tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,7 +65,7 @@ def kron_rows_kernel(A, BT, MID, OUT, N, M, E, D,
     offs_d = tl.arange(0, BLOCK_D)
     a_ptr = A + pid_p * stride_ap
     b_ptr = BT + pid_p * stride_bp
-    mid_ptr = MID + pid_p * stride_mp
+    mid_ptr = MID + (pid_p // MID_GROUP) * stride_mp
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for f0 in range(0, M, BLOCK_M):
         offs_f = f0 + tl.arange(0, BLOCK_M)
@@ -80,9 +81,13 @@ def kron_rows_kernel(A, BT, MID, OUT, N, M, E, D,
              mask=n_ok[:, None] & (offs_d[None, :] < D))
 
 
-def operand_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dot-operand dtype the launchers use for inputs of `dtype` (see the module docstring)."""
-    return torch.bfloat16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
+MAX_DIM = 256  # D and E of the launchers (one BLOCK_D covers D)
+
+
+def operand_dtype(dtype: torch.dtype, device: torch.device | str = "cuda") -> torch.dtype:
+    """The dot-operand dtype for inputs of `dtype` on `device` (see the module docstring)."""
+    on_gpu = torch.device(device).type == "cuda"
+    return torch.bfloat16 if on_gpu and dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def _precision(op_dtype: torch.dtype) -> str:
@@ -101,8 +106,28 @@ def _weights_by_column(b):
     return b.reshape(-1, b.shape[-2], b.shape[-1]).transpose(1, 2).to(torch.float32).contiguous()
 
 
+def _middle_slices(middle, lead, op_dtype):
+    """middle (..., m, E, D) broadcast over a's leading dims `lead` -> (contiguous (P', m E, D) of
+    op_dtype, group) such that a-slice p uses middle slice p // group. Trailing broadcast dims (the
+    query group of GQA) are not copied; any other broadcast is expanded."""
+    m, e, d = middle.shape[-3:]
+    mid_lead = (1,) * (len(lead) - (middle.dim() - 3)) + tuple(middle.shape[:-3])
+    k = len(lead)
+    while k > 0 and mid_lead[k - 1] == 1 and lead[k - 1] != 1:
+        k -= 1
+    if mid_lead[:k] == tuple(lead[:k]) and all(x == 1 for x in mid_lead[k:]):
+        return middle.reshape(-1, m * e, d).to(op_dtype).contiguous(), math.prod(lead[k:])
+    return middle.expand(*lead, m, e, d).reshape(-1, m * e, d).to(op_dtype).contiguous(), 1
+
+
 def _block(size: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(size), cap))
+
+
+def _check_dims(name: str, **dims) -> None:
+    for label, size in dims.items():
+        if size > MAX_DIM:
+            raise ValueError(f"{name}: {label} must be <= {MAX_DIM} (one block covers it), got {size}")
 
 
 def launch_config(kind: str, op_dtype: torch.dtype, m: int, d: int) -> tuple[int, int, int]:
@@ -127,11 +152,12 @@ def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=None, block_m=None, nu
     (BLOCK_M, D) block of the output. op_dtype: dtype of the dot operands a and b * c."""
     lead = a.shape[:-2]
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], c.shape[-1]
+    _check_dims("kron_gram", **{"b.shape[-1]": e, "c.shape[-1]": d})
     a_, c_, bt = _flat(a, op_dtype), _flat(c, op_dtype), _weights_by_column(b)
     out = torch.empty(a_.shape[0], m * e, d, device=a.device, dtype=torch.float32)
     default = launch_config("gram", op_dtype, m, d)
     block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
-    block_d = _block(d, 1024)
+    block_d = _block(d, MAX_DIM)
     kron_gram_kernel[(e, math.ceil(m / block_m), a_.shape[0])](
         a_, bt, c_, out, n, m, e, d,
         a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), c_.stride(0), c_.stride(1), out.stride(0),
@@ -148,14 +174,15 @@ def kron_rows(a, b, middle, *, op_dtype=torch.float32, block_n=None, block_m=Non
     (BLOCK_N, BLOCK_M) block of a and loops over the E columns of b. op_dtype: dtype of a and middle."""
     lead = a.shape[:-2]
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], middle.shape[-1]
+    _check_dims("kron_rows", **{"b.shape[-1]": e, "middle.shape[-1]": d})
     a_, bt = _flat(a, op_dtype), _weights_by_column(b)
-    mid = middle.expand(*lead, m, e, d).reshape(-1, m * e, d).to(op_dtype).contiguous()
+    mid, mid_group = _middle_slices(middle, lead, op_dtype)
     out = torch.empty(a_.shape[0], n, d, device=a.device, dtype=torch.float32)
     default = launch_config("rows", op_dtype, m, d)
     block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
-    block_d = _block(d, 1024)
+    block_d = _block(d, MAX_DIM)
     kron_rows_kernel[(math.ceil(n / block_n), a_.shape[0])](
-        a_, bt, mid, out, n, m, e, d,
+        a_, bt, mid, out, n, m, e, d, mid_group,
         a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), mid.stride(0), out.stride(0), out.stride(1),
         PREC=_precision(op_dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),

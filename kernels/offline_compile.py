@@ -164,20 +164,24 @@ def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backwar
     return {**fwd_rec, **bwd_rec}
 
 
-def record_chained(dtype, *, n=1024, dim=64, num_features=256, **config):
+def record_chained(dtype, *, n=1024, dim=64, num_features=256, tf32=False, **config):
     """Run the chained-gradient Kronecker launchers (m 256, D 64 by default) for inputs of `dtype`
     (operands as `chained_grad.operand_dtype`) with the kernels recorded; config: launcher block
     sizes / num_warps / num_stages. n = 1024 keeps the row counts and strides multiples of 16, as at
-    the benchmark's sequence lengths, so the binder specialises them as it would there."""
+    the benchmark's sequence lengths, so the binder specialises them as it would there. tf32: fp32
+    operands as when torch allows TF32 matmuls."""
     from . import chained_grad
 
-    op_dtype = chained_grad.operand_dtype(dtype)
+    op_dtype = chained_grad.operand_dtype(dtype, "cuda")
     recorders = record(chained_grad, ["kron_gram_kernel", "kron_rows_kernel"])
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         a, b, c = torch.rand(2, n, num_features), torch.randn(2, n, dim), torch.randn(2, n, dim)
         chained_grad.kron_gram(a, b, c, op_dtype=op_dtype, **config)
         chained_grad.kron_rows(a, b, torch.zeros(2, num_features, dim, dim), op_dtype=op_dtype, **config)
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         restore(chained_grad, recorders)
     return recorders
 

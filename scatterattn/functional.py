@@ -178,14 +178,15 @@ def _check_param(name: str, tensor, shape: tuple[int, ...]) -> None:
         raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
 
 
-def resolve_backend(backend: str, query: torch.Tensor, is_causal: bool) -> str:
+def resolve_backend(backend: str, query: torch.Tensor, is_causal: bool, value: torch.Tensor | None = None) -> str:
     """'reference' or 'triton'. 'auto' takes the kernels for CUDA inputs they support (non-causal,
-    fp16/bf16/fp32) and the reference otherwise; 'triton' raises when the kernels cannot run."""
+    fp16/bf16/fp32, head dims up to 128) and the reference otherwise; 'triton' raises when the
+    kernels cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
-    reason = triton_backend.unsupported_reason(query, is_causal)
+    reason = triton_backend.unsupported_reason(query, is_causal, value)
     if backend == "triton":
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
@@ -194,7 +195,7 @@ def resolve_backend(backend: str, query: torch.Tensor, is_causal: bool) -> str:
 
 
 def run_prepared(query, key, value, prepared: PreparedAttention, backend: str = "auto") -> torch.Tensor:
-    if resolve_backend(backend, query, prepared.is_causal) == "triton":
+    if resolve_backend(backend, query, prepared.is_causal, value) == "triton":
         return triton_backend.scatterbrain_triton(
             query,
             key,

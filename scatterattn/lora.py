@@ -587,7 +587,7 @@ def chained_lowrank_attention(
     tensor-core operands for 16-bit inputs, see scatterattn.kernels.chained_grad) or 'auto' (Triton
     on CUDA, else reference); the sparse correction is torch gathers either way.
     """
-    kernel_dtype = _kernel_dtype(backend, query)
+    kernel_dtype = _kernel_dtype(backend, query, value)
     if factors not in ("random", "exact"):
         raise ValueError(f"factors must be 'random' or 'exact', got {factors!r}")
     validate_qkv(query, key, value, key_padding_mask, scale)
@@ -625,20 +625,20 @@ def chained_lowrank_attention(
     return ChainedLowRankAttentionFunction.apply(query, key, value, w, settings)
 
 
-def _kernel_dtype(backend: str, query: torch.Tensor) -> torch.dtype | None:
+def _kernel_dtype(backend: str, query: torch.Tensor, value: torch.Tensor) -> torch.dtype | None:
     """The Kronecker kernels' operand dtype for this backend and input (None: torch einsums)."""
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'reference', 'triton'), got {backend!r}")
     if backend == "reference":
         return None
-    reason = triton_backend.unsupported_reason(query, is_causal=False)
+    reason = triton_backend.unsupported_reason(query, is_causal=False, value=value)
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
     if reason is not None or (backend == "auto" and query.device.type != "cuda"):
         return None
     from .kernels import chained_grad
 
-    return chained_grad.operand_dtype(query.dtype)
+    return chained_grad.operand_dtype(query.dtype, query.device)
 
 
 class ChainedLowRankAttention(ScatterbrainAttention):

@@ -22,7 +22,7 @@ from test_kernels import SETTINGS, rel, run_both  # noqa: E402  (same helpers as
 def test_bf16_matches_reference(name):
     got, want = run_both(torch.bfloat16, 2, 4, 2, 300, 257, 64, SETTINGS[name], padded=True)
     for label, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), label
+        assert a.dtype == dtype and torch.isfinite(a).all(), label
         assert rel(a, b) < 4e-2, (label, rel(a, b))
 
 
@@ -71,11 +71,12 @@ def test_memory_is_linear():
     assert extra_mib < 2048, extra_mib  # one bf16 64k x 64k matrix alone is 8192 MiB
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_chained_gradient_kernels_bf16(dim, is_causal):
+def test_chained_gradient_kernels_half(dtype, dim, is_causal):
     """The chained-gradient Kronecker kernels with bf16 tensor-core operands against the fp32 einsum
-    chain on the same bf16 inputs and features: bf16 operand rounding is ~0.4% (tolerance 2e-2),
+    chain on the same 16-bit inputs and features: bf16 operand rounding is ~0.4% (tolerance 2e-2),
     a hundred times below the chain's own approximation error."""
     from scatterattn import lora
 
@@ -84,14 +85,14 @@ def test_chained_gradient_kernels_bf16(dim, is_causal):
     k = torch.randn(1, 2, 1000, dim, device="cuda", generator=gen) * 0.5
     v = torch.randn(1, 2, 1000, dim, device="cuda", generator=gen)
     do = torch.randn(1, 8, 1000, dim, device="cuda", generator=gen)
-    q, k, v, do = (x.to(torch.bfloat16) for x in (q, k, v, do))
+    q, k, v, do = (x.to(dtype) for x in (q, k, v, do))
     results = {}
     for backend in ("reference", "triton"):
         qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
         out = lora.chained_lowrank_attention(qs, ks, vs, is_causal=is_causal, threshold=None, seed=0, backend=backend)
         results[backend] = torch.autograd.grad(out, (qs, ks, vs), do)
     for label, a, b in zip(("dq", "dk", "dv"), results["triton"], results["reference"]):
-        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), label
+        assert a.dtype == dtype and torch.isfinite(a).all(), label
         assert rel(a.float(), b.float()) < 2e-2, (label, rel(a.float(), b.float()))
 
 

@@ -277,26 +277,63 @@ def test_kronecker_kernels_match_the_torch_chain(is_causal):
 @pytest.mark.parametrize("blocks", [{}, {"block_n": 16, "block_m": 16, "num_warps": 2}], ids=["default", "small-blocks"])
 def test_kernel_products_directly(op_dtype, tol, blocks):
     """kron_gram / kron_rows against the einsums: N = 37 (not a block multiple), m = 24 (two feature
-    blocks of 16 with small blocks), E = 5, D = 20; fp16 operands exercise the 16-bit operand path
-    (bf16 on GPUs; the interpreter's bf16 dot is wrong), whose tolerance is fp16 rounding."""
+    blocks of 16 with small blocks), E = 5, D = 20, a middle factor broadcast over a group of 3
+    slices (GQA; not copied) and one broadcast over the batch (copied); fp16 operands exercise the
+    16-bit operand path (bf16 on GPUs; the interpreter's bf16 dot is wrong), tolerance fp16 rounding."""
     from scatterattn.kernels import chained_grad
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
     a, b, c = torch.rand(2, 37, 24, generator=gen), torch.randn(2, 37, 5, generator=gen), torch.randn(2, 37, 20, generator=gen)
+    a, b, c = (x.to(device) for x in (a, b, c))
     gram = chained_grad.kron_gram(a, b, c, op_dtype=op_dtype, **blocks)
     assert gram.dtype == torch.float32
     assert rel(gram, lora._kron_gram(a.double(), b.double(), c.double()).float()) < tol
     rows = chained_grad.kron_rows(a, b, gram, op_dtype=op_dtype, **blocks)
     assert rel(rows, lora._kron_rows(a.double(), b.double(), gram.double()).float()) < tol
+    a3, b3 = (x.unsqueeze(1).expand(-1, 3, -1, -1) * torch.rand(1, 3, 1, 1, device=device) for x in (a, b))
+    for middle in (gram.unsqueeze(1), gram[:1].unsqueeze(1).expand(1, 3, -1, -1, -1)):
+        got = chained_grad.kron_rows(a3, b3, middle, op_dtype=op_dtype, **blocks)
+        assert rel(got, lora._kron_rows(a3.double(), b3.double(), middle.double()).float()) < tol
+
+
+def test_kernel_dims_beyond_one_block_are_refused():
+    from scatterattn.kernels import chained_grad
+
+    a, b = torch.rand(1, 8, 4), torch.randn(1, 8, 300)
+    with pytest.raises(ValueError, match="b.shape\\[-1\\] must be <= 256"):
+        chained_grad.kron_gram(a, b, torch.randn(1, 8, 4))
+    with pytest.raises(ValueError, match="middle.shape\\[-1\\] must be <= 256"):
+        chained_grad.kron_rows(a, torch.randn(1, 8, 4), torch.zeros(1, 4, 4, 300))
 
 
 def test_kernel_operand_dtype_policy():
-    """16-bit inputs get bf16 tensor-core operands (fp16 would flush D~^-1 phi(q) to zero), fp32 stays fp32."""
+    """16-bit inputs on CUDA get bf16 tensor-core operands (fp16 would flush D~^-1 phi(q) to zero);
+    fp32 stays fp32, and so does everything in the CPU interpreter (its bf16 dot is wrong)."""
     from scatterattn.kernels import chained_grad
 
-    assert chained_grad.operand_dtype(torch.bfloat16) == torch.bfloat16
-    assert chained_grad.operand_dtype(torch.float16) == torch.bfloat16
-    assert chained_grad.operand_dtype(torch.float32) == torch.float32
+    assert chained_grad.operand_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    assert chained_grad.operand_dtype(torch.float16, "cuda") == torch.bfloat16
+    assert chained_grad.operand_dtype(torch.float32, "cuda") == torch.float32
+    assert chained_grad.operand_dtype(torch.bfloat16, "cpu") == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_kronecker_kernels_with_half_inputs(dtype):
+    """backend='triton' with 16-bit inputs (interpreter on CPU: fp32 operands; GPU: bf16) against the
+    einsum chain on the same inputs: rounding of the inputs' own precision only."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, do = (t.to(device, dtype) for t in qkv(batch=1, heads=2, kv_heads=1, n=70, dim=16, gamma=0.4))
+    results = {}
+    for backend in ("reference", "triton"):
+        results[backend] = grads(
+            lambda q, k, v: lora.chained_lowrank_attention(q, k, v, num_features=16, seed=0, threshold=None,
+                                                           backend=backend),
+            q, k, v, do,
+        )
+    for a, b in zip(results["triton"][1:], results["reference"][1:]):
+        assert torch.isfinite(a).all()
+        assert rel(a.float(), b.float()) < 2e-2
 
 
 def test_causal_chain_does_not_depend_on_the_chunk():
