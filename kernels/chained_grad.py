@@ -25,30 +25,34 @@ import triton.language as tl
 
 
 @triton.jit
-def kron_gram_kernel(A, BT, C, OUT, N, M, E, D,
+def kron_gram_kernel(A, BT, C, OUT, N, M, E, D, ROWS_PER_SPLIT, N_SPLITS,
                      stride_ap, stride_an, stride_bp, stride_be, stride_cp, stride_cn, stride_op,
                      PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
-    """Program (e, feature block, slice): OUT[f, e, :] for f in the block, over all N rows."""
+    """Program (e, feature block, slice x row split): the partial OUT[f, e, :] of its split's rows,
+    for f in the feature block (splits are summed by the launcher)."""
     e = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_p = tl.program_id(2).to(tl.int64)
+    pid_ps = tl.program_id(2).to(tl.int64)
+    pid_p = pid_ps // N_SPLITS
+    start = (pid_ps % N_SPLITS) * ROWS_PER_SPLIT
+    end = tl.minimum(start + ROWS_PER_SPLIT, N)
     offs_f = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     a_ptr = A + pid_p * stride_ap
     b_ptr = BT + pid_p * stride_bp + e * stride_be
     c_ptr = C + pid_p * stride_cp
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        n_ok = rows < N
+        n_ok = rows < end
         a_t = tl.load(a_ptr + offs_f[:, None] + rows[None, :] * stride_an,
                       mask=(offs_f[:, None] < M) & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
         b_col = tl.load(b_ptr + rows, mask=n_ok, other=0.0)
         c = tl.load(c_ptr + rows[:, None] * stride_cn + offs_d[None, :],
                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         acc = tl.dot(a_t, (c * b_col[:, None]).to(a_t.dtype), acc, input_precision=PREC)
-    tl.store(OUT + pid_p * stride_op + (offs_f[:, None] * E + e) * D + offs_d[None, :], acc,
+    tl.store(OUT + pid_ps * stride_op + (offs_f[:, None] * E + e) * D + offs_d[None, :], acc,
              mask=(offs_f[:, None] < M) & (offs_d[None, :] < D))
 
 
@@ -145,25 +149,43 @@ def launch_config(kind: str, op_dtype: torch.dtype, m: int, d: int) -> tuple[int
     return 64, block_m, (8 if kind == "gram" or op_dtype == torch.float32 else 4)
 
 
-def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=None, block_m=None, num_warps=None, num_stages=None):
+def _row_splits(n: int, programs: int, block_n: int, device) -> int:
+    """Row splits of kron_gram: enough programs for two waves over the GPU's SMs when the
+    (E x feature blocks x slices) grid is small, each split keeping at least 8 row blocks."""
+    if torch.device(device).type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = math.ceil(2 * sms / programs)
+    return max(1, min(wanted, n // (8 * block_n)))
+
+
+def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=None, block_m=None, num_warps=None, num_stages=None,
+              splits=None):
     """sum_n (a_n (x) b_n) c_n^T: a (..., N, m), b (..., N, E), c (..., N, D) -> (..., m, E, D) fp32.
 
-    Grid (E, feature blocks, slices); each program streams all N rows, so its accumulator is one
-    (BLOCK_M, D) block of the output. op_dtype: dtype of the dot operands a and b * c."""
+    Grid (E, feature blocks, slices x row splits); each program streams its split's rows, so its
+    accumulator is one (BLOCK_M, D) block of the output; splits (default `_row_splits`: only when
+    the grid would not fill the GPU) are summed here. op_dtype: dtype of the dot operands a, b * c."""
     lead = a.shape[:-2]
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], c.shape[-1]
     _check_dims("kron_gram", **{"b.shape[-1]": e, "c.shape[-1]": d})
     a_, c_, bt = _flat(a, op_dtype), _flat(c, op_dtype), _weights_by_column(b)
-    out = torch.empty(a_.shape[0], m * e, d, device=a.device, dtype=torch.float32)
     default = launch_config("gram", op_dtype, m, d)
     block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
     block_d = _block(d, MAX_DIM)
-    kron_gram_kernel[(e, math.ceil(m / block_m), a_.shape[0])](
-        a_, bt, c_, out, n, m, e, d,
+    slices, m_blocks = a_.shape[0], math.ceil(m / block_m)
+    splits = splits or _row_splits(n, e * m_blocks * slices, block_n, a.device)
+    rows_per_split = math.ceil(math.ceil(n / splits) / block_n) * block_n
+    splits = max(1, math.ceil(n / rows_per_split))
+    out = torch.empty(slices * splits, m * e, d, device=a.device, dtype=torch.float32)
+    kron_gram_kernel[(e, m_blocks, slices * splits)](
+        a_, bt, c_, out, n, m, e, d, rows_per_split, splits,
         a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), c_.stride(0), c_.stride(1), out.stride(0),
         PREC=_precision(op_dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
+    if splits > 1:
+        out = out.reshape(slices, splits, m * e, d).sum(1)
     return out.reshape(*lead, m, e, d)
 
 

@@ -289,6 +289,9 @@ def test_kernel_products_directly(op_dtype, tol, blocks):
     gram = chained_grad.kron_gram(a, b, c, op_dtype=op_dtype, **blocks)
     assert gram.dtype == torch.float32
     assert rel(gram, lora._kron_gram(a.double(), b.double(), c.double()).float()) < tol
+    if blocks:  # rows split over 3 programs per slice (16 + 16 + 5 rows), summed by the launcher
+        split = chained_grad.kron_gram(a, b, c, op_dtype=op_dtype, splits=3, **blocks)
+        assert rel(split, gram) < 1e-6
     rows = chained_grad.kron_rows(a, b, gram, op_dtype=op_dtype, **blocks)
     assert rel(rows, lora._kron_rows(a.double(), b.double(), gram.double()).float()) < tol
     a3, b3 = (x.unsqueeze(1).expand(-1, 3, -1, -1) * torch.rand(1, 3, 1, 1, device=device) for x in (a, b))
