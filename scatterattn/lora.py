@@ -581,7 +581,7 @@ def chained_lowrank_attention(
     computed exactly. Counted in `stats` (default scatterattn.lora.GLOBAL_STATS): `fallback` exact
     groups, of which `numeric` by underflow; `approximate` chained groups, of which `sparse` corrected.
     `factors="exact"` uses U1 = P, V1 = I (O(N S) memory; the chain is then the exact backward: a
-    check of the algebra). Random parameters as `scatterbrain_attention` (the same seed draws the
+    check of the algebra; its kernels keep fp32 operands). Random parameters as `scatterbrain_attention` (the same seed draws the
     same feature matrix and hash projections). `backend`: 'reference' (torch einsums), 'triton' (the
     Kronecker products as Triton kernels; fp16, bf16, fp32 inputs, CUDA or TRITON_INTERPRET=1; bf16
     tensor-core operands for 16-bit inputs, see scatterattn.kernels.chained_grad) or 'auto' (Triton
@@ -590,6 +590,8 @@ def chained_lowrank_attention(
     kernel_dtype = _kernel_dtype(backend, query, value)
     if factors not in ("random", "exact"):
         raise ValueError(f"factors must be 'random' or 'exact', got {factors!r}")
+    if factors == "exact" and kernel_dtype is not None:
+        kernel_dtype = torch.float32  # the algebra check stays exact: no bf16 operand rounding
     validate_qkv(query, key, value, key_padding_mask, scale)
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features must be an int >= 1 for the chained gradient, got {num_features!r}")

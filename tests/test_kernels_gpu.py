@@ -117,3 +117,19 @@ def test_chained_gradient_64k_tokens_finite(dtype, threshold):
     assert stats.approximate + stats.fallback == 4, stats
     if threshold is not None:
         assert stats.fallback == 4, stats  # logit bound 25 * 25 / 8 is far above 2
+
+
+def test_chained_exact_factors_keep_fp32_operands():
+    """factors='exact' is the algebra check: with bf16 inputs its kernels must not round operands
+    to bf16, so triton and the einsum chain agree up to the final cast of the gradients."""
+    from scatterattn import lora
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 300, 64, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4))
+    results = {}
+    for backend in ("reference", "triton"):
+        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+        out = lora.chained_lowrank_attention(qs, ks, vs, factors="exact", threshold=None, backend=backend)
+        results[backend] = torch.autograd.grad(out, (qs, ks, vs), do)
+    for a, b in zip(results["triton"], results["reference"]):
+        assert rel(a.float(), b.float()) < 5e-3
