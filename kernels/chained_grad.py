@@ -101,8 +101,10 @@ def _precision(op_dtype: torch.dtype) -> str:
 
 
 def _flat(x, dtype):
-    """(..., N, F) -> contiguous (P, N, F) of `dtype`, P the product of the leading dims."""
-    return x.reshape(-1, x.shape[-2], x.shape[-1]).to(dtype).contiguous()
+    """(..., N, F) -> (P, N, F) of `dtype` with unit stride along F (a view when it already is),
+    P the product of the leading dims; the kernels take the P and N strides."""
+    flat = x.reshape(-1, x.shape[-2], x.shape[-1]).to(dtype)
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
 def _weights_by_column(b):
