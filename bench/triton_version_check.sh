@@ -16,6 +16,4 @@ venv=${2:-/tmp/scatterattn-triton-$version}
 "$venv/bin/pip" install -q einops
 "$venv/bin/python" -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 TRITON_CACHE_DIR="$venv/triton-cache" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_kernels_compile.py tests/test_kernels.py \
-  tests/test_lora.py::test_kronecker_kernels_match_the_torch_chain tests/test_lora.py::test_kernel_products_directly \
-  tests/test_lora.py::test_sparse_corrected_chain_with_kronecker_kernels
+  tests/test_kernels_compile.py tests/test_kernels.py tests/test_lora.py -k "not lora or kernel"
