@@ -1,0 +1,88 @@
+"""The GPU benchmarks' report code (tables, target checks, plots) on hand-written rows, on the CPU.
+
+bench/kernels.py and bench/lora_backward.py measure only on a GPU, which this project's machines
+rarely have; a crash in their reporting would lose a scarce GPU run's table. These tests feed the
+report functions rows of the shape the measuring code produces (the numbers are arbitrary test
+inputs, not results) and check the arithmetic of each target line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return _load("kernels")
+
+
+def _kernel_rows():
+    rows = []
+    for n, sdpa_f, sdpa_b in ((4096, 0.2, 0.6), (16384, 2.4, 8.6), (65536, 40.0, 140.0)):
+        scale = n / 65536
+        for method, f_ms, b_ms, peak in (
+            ("sdpa", sdpa_f, sdpa_b, 2000 * scale),
+            ("sb-lsh", 2.0 * scale, 16.0 * scale, 1500 * scale),
+            ("sb-local", 1.0 * scale, 5.0 * scale, 1200 * scale),
+            ("flex-window", 0.6 * scale, 2.9 * scale, 900 * scale),
+            ("sb-lsh-reference", 30.0 * scale, 100.0 * scale, 9000 * scale),
+        ):
+            rows.append(dict(n=n, method=method, mode="fwd", ms=f_ms, peak_mib=peak))
+            if method == "sb-lsh-reference" and n == 65536:  # as a run that ran out of memory reports it
+                rows.append(dict(n=n, method=method, mode="fwd+bwd", error="OutOfMemoryError()"))
+            else:
+                rows.append(dict(n=n, method=method, mode="fwd+bwd", ms=b_ms, peak_mib=2 * peak))
+    return rows
+
+
+def test_kernel_targets_arithmetic(kernels):
+    rows = [r for r in _kernel_rows() if not (r["method"] == "sb-lsh-reference" and r["n"] == 65536)]
+    checks = {desc: (got, met) for desc, got, met in kernels.targets(rows)}
+    assert checks["N=65536 fwd: SB-LSH >= 15x faster than SDPA"] == ("20.00x", True)
+    assert checks["N=65536 fwd+bwd: SB-LSH >= 8x faster than SDPA"] == ("8.75x", True)
+    assert checks["N=16384 fwd: SB-LSH >= 3x faster than SDPA"] == ("4.80x", True)
+    assert checks["N=4096 fwd: SB-LSH faster than SDPA"][1] is True
+    assert checks["N=16384 fwd+bwd: SB-LSH peak memory <= SDPA's"] == ("750 vs 1000 MiB", True)
+    assert checks["N=4096 fwd: SB-LSH >= 10x faster than the reference"] == ("15.0x", True)
+    assert checks["N=65536 fwd+bwd: SB-Local within 2x of FlexAttention window"][1] is True
+    assert "N=65536 fwd: SB-LSH >= 10x faster than the reference" not in checks  # no reference row at 64k
+
+
+def test_kernel_table_skips_failed_rows_and_plots(kernels, tmp_path):
+    rows = _kernel_rows()
+    text = kernels.table(rows, [4096, 16384, 65536])
+    lines = text.splitlines()
+    assert len(lines) == 2 + 3 * len(kernels.METHODS)
+    assert "| 65,536 | sb-lsh-reference | 30.000 | - | 9000 | - | 1.33x | - |" in text  # failed: dashes
+    assert "| 65,536 | sb-lsh | 2.000 | 16.000 | 1500 | 3000 | 20.00x | 8.75x |" in text
+    pytest.importorskip("matplotlib")
+    assert kernels.plot(rows, tmp_path / "plot.png") and (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_lora_backward_cuda_report(tmp_path):
+    lora = _load("lora_backward")
+    rows = []
+    for n, exact_bwd, chained_bwd, extra in ((16384, 6.0, 5.0, 900.0), (65536, 97.0, 12.0, 3600.0)):
+        rows.append(dict(n=n, method="exact", fwd_ms=exact_bwd / 2.6, bwd_ms=exact_bwd, fwdbwd_ms=exact_bwd * 1.4,
+                         peak_mib=extra / 2, extra_mib=extra / 4))
+        rows.append(dict(n=n, method="chained", fwd_ms=exact_bwd / 2.6, bwd_ms=chained_bwd,
+                         fwdbwd_ms=chained_bwd + exact_bwd / 2.6, peak_mib=extra, extra_mib=extra,
+                         fallback=0, approximate=16))
+    table = lora.table(rows, [16384, 65536], cuda=True)
+    assert "| 65536 | chained | 37.308 | 12.000 | 49.308 | 8.08x | 2.75x | 3600 | 3600 | 0 |" in table
+    checks = {desc: (got, met) for desc, got, met in lora.targets(rows, [16384, 65536])}
+    assert checks["N=65536: chained backward >= 10x faster than the exact backward"] == (
+        "12.00 ms vs 97.00 ms (8.08x)", False)
+    assert checks["chained: extra peak memory linear in N"] == ("growth exponent 1.00 between N=16384 and N=65536", True)
