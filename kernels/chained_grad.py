@@ -140,12 +140,14 @@ def launch_config(kind: str, op_dtype: torch.dtype, m: int, d: int) -> tuple[int
     """(BLOCK_N, BLOCK_M, num_warps) of `kron_gram` / `kron_rows` (kind 'gram' or 'rows').
 
     Chosen without a GPU from registers and spills compiled for sm_90 (bench/kernel_resources.py):
-    every default is spill-free under triton 3.6 and 3.9. 16-bit operands: 64 rows, 256 features per
-    dot (128 above D = 64). fp32 operands hold more registers per element: 64 x 128 with TF32, and
+    every default is spill-free under triton 3.6 and 3.9 (D up to 256). 16-bit operands: 64 rows,
+    256 features per dot (128 above D = 64; rows: 64 with 8 warps above D = 128). fp32 operands hold more registers per element: 64 x 128 with TF32, and
     32 x 64 with IEEE fp32 (its FMA dots spill kilobytes per thread at the 16-bit sizes).
     """
     if op_dtype == torch.float32 and _precision(op_dtype) == "ieee":
         return 32, _block(m, 64), 8
+    if d > 128 and kind == "rows":  # the (BLOCK_M, D) middle tile and (BLOCK_N, D) accumulator grow
+        return 64, _block(m, 64), 8
     cap = 128 if op_dtype == torch.float32 or d > 64 else 256
     block_m = _block(m, cap)
     return 64, block_m, (8 if kind == "gram" or op_dtype == torch.float32 else 4)

@@ -15,21 +15,23 @@ import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # D = 256 compiles, but the backward's tiles need 288 KiB of shared memory (sm_90: 227)
+CHAINED_MAX_HEAD_DIM = 256  # the chained-gradient kernels (scatterattn.kernels.chained_grad.MAX_DIM)
 
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor | None = None) -> str | None:
+def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor | None = None,
+                       max_head_dim: int = MAX_HEAD_DIM) -> str | None:
     """Why the kernels cannot run these inputs, or None when they can."""
     if is_causal:
         return "causal Scatterbrain kernels are not implemented yet (is_causal=True runs on the reference)"
     if query.dtype not in KERNEL_DTYPES:
         return f"the kernels take float16, bfloat16 or float32 inputs, got {query.dtype}"
     dims = (query.shape[-1],) if value is None else (query.shape[-1], value.shape[-1])
-    if max(dims) > MAX_HEAD_DIM:
-        return f"the kernels take head dims up to {MAX_HEAD_DIM} (query and value), got {dims}"
+    if max(dims) > max_head_dim:
+        return f"the kernels take head dims up to {max_head_dim} (query and value), got {dims}"
     if query.device.type != "cuda" and not (query.device.type == "cpu" and interpreter_enabled()):
         return (
             f"the kernels need CUDA tensors (got device {query.device}); on the CPU set "

@@ -254,6 +254,19 @@ def test_peft_adapted_model_trains_through_the_chained_backward(mode):
     assert losses[-1] < 1.5 * exact_losses[-1], (losses[-1], exact_losses[-1])
 
 
+def kernel_and_einsum_grads(q, k, v, do, **kw):
+    """(dq, dk, dv) of the chained backward with the Triton Kronecker kernels and with the einsums
+    (m 16, seed 0, no threshold)."""
+    results = {}
+    for backend in ("triton", "reference"):
+        results[backend] = grads(
+            lambda q, k, v: lora.chained_lowrank_attention(q, k, v, num_features=16, seed=0, threshold=None,
+                                                           backend=backend, **kw),
+            q, k, v, do,
+        )[1:]
+    return results["triton"], results["reference"]
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_kronecker_kernels_match_the_torch_chain(is_causal):
     """The Triton Kronecker-product kernels (interpreter on CPU) against the einsum chain, fp32."""
@@ -261,15 +274,7 @@ def test_kronecker_kernels_match_the_torch_chain(is_causal):
     q, k, v, do = (t.float() for t in (q, k, v, do))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v, do = (t.to(device) for t in (q, k, v, do))
-    results = {}
-    for backend in ("reference", "triton"):
-        results[backend] = grads(
-            lambda q, k, v: lora.chained_lowrank_attention(
-                q, k, v, num_features=16, seed=0, threshold=None, is_causal=is_causal, backend=backend
-            ),
-            q, k, v, do,
-        )
-    for a, b in zip(results["triton"][1:], results["reference"][1:]):
+    for a, b in zip(*kernel_and_einsum_grads(q, k, v, do, is_causal=is_causal)):
         assert rel(a, b) < 1e-5
 
 
@@ -301,7 +306,10 @@ def test_kernel_products_directly(op_dtype, tol, blocks):
 
 
 def test_kernel_dims_beyond_one_block_are_refused():
+    from scatterattn import triton_backend
     from scatterattn.kernels import chained_grad
+
+    assert triton_backend.CHAINED_MAX_HEAD_DIM == chained_grad.MAX_DIM
 
     a, b = torch.rand(1, 8, 4), torch.randn(1, 8, 300)
     with pytest.raises(ValueError, match="b.shape\\[-1\\] must be <= 256"):
@@ -321,20 +329,23 @@ def test_kernel_operand_dtype_policy():
     assert chained_grad.operand_dtype(torch.bfloat16, "cpu") == torch.float32
 
 
+def test_kronecker_kernels_wide_heads():
+    """Head dim 160 (over the Scatterbrain kernels' 128, within the chained kernels' 256; no power
+    of two), Dv 130: the Triton chain against the einsum chain, fp32."""
+    q, k, v, do = qkv(batch=1, heads=2, kv_heads=1, n=40, dim=160, v_dim=130, gamma=0.1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, do = (t.float().to(device) for t in (q, k, v, do))
+    for a, b in zip(*kernel_and_einsum_grads(q, k, v, do)):
+        assert rel(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_kronecker_kernels_with_half_inputs(dtype):
     """backend='triton' with 16-bit inputs (interpreter on CPU: fp32 operands; GPU: bf16) against the
     einsum chain on the same inputs: rounding of the inputs' own precision only."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v, do = (t.to(device, dtype) for t in qkv(batch=1, heads=2, kv_heads=1, n=70, dim=16, gamma=0.4))
-    results = {}
-    for backend in ("reference", "triton"):
-        results[backend] = grads(
-            lambda q, k, v: lora.chained_lowrank_attention(q, k, v, num_features=16, seed=0, threshold=None,
-                                                           backend=backend),
-            q, k, v, do,
-        )
-    for a, b in zip(results["triton"][1:], results["reference"][1:]):
+    for a, b in zip(*kernel_and_einsum_grads(q, k, v, do)):
         assert torch.isfinite(a).all()
         assert rel(a.float(), b.float()) < 2e-2
 
