@@ -62,7 +62,7 @@ def kron_rows_kernel(A, BT, MID, OUT, N, M, E, D, MID_GROUP,
                      PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """Program (row block, slice): OUT[n, :] for the block's rows; slice p reads middle p // MID_GROUP."""
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rows < N
@@ -137,20 +137,24 @@ def _check_dims(name: str, **dims) -> None:
 
 
 def launch_config(kind: str, op_dtype: torch.dtype, m: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_M, num_warps) of `kron_gram` / `kron_rows` (kind 'gram' or 'rows').
+    """(BLOCK_N, BLOCK_M, num_warps) of `kron_gram` / `kron_rows` (kind 'gram' or 'rows') for m
+    features and head dim d (the larger of D and E).
 
-    Chosen without a GPU from registers and spills compiled for sm_90 (bench/kernel_resources.py):
-    every default is spill-free under triton 3.6 and 3.9 (D up to 256). 16-bit operands: 64 rows,
-    256 features per dot (128 above D = 64; rows: 64 with 8 warps above D = 128). fp32 operands hold more registers per element: 64 x 128 with TF32, and
-    32 x 64 with IEEE fp32 (its FMA dots spill kilobytes per thread at the 16-bit sizes).
+    Chosen without a GPU from registers, spills and shared memory compiled for sm_90
+    (bench/kernel_resources.py): every default below is spill-free and within 227 KiB of shared
+    memory under triton 3.6 and 3.9 at d = 64, 128 and 256. Wider heads take fewer features per dot;
+    fp32 operands (TF32, and above all IEEE FMA dots) hold more registers per element.
     """
-    if op_dtype == torch.float32 and _precision(op_dtype) == "ieee":
-        return 32, _block(m, 64), 8
-    if d > 128 and kind == "rows":  # the (BLOCK_M, D) middle tile and (BLOCK_N, D) accumulator grow
-        return 64, _block(m, 64), 8
-    cap = 128 if op_dtype == torch.float32 or d > 64 else 256
-    block_m = _block(m, cap)
-    return 64, block_m, (8 if kind == "gram" or op_dtype == torch.float32 else 4)
+    wide = 0 if d <= 64 else (1 if d <= 128 else 2)
+    if op_dtype != torch.float32:
+        if kind == "gram":
+            return 64, _block(m, (256, 128, 128)[wide]), 8
+        return 64, _block(m, (256, 128, 64)[wide]), (4, 4, 8)[wide]
+    if _precision(op_dtype) == "tf32":
+        return (64, 32, 32)[wide], _block(m, (128, 128, 64)[wide]), 8
+    if kind == "gram":
+        return (32, 32, 16)[wide], _block(m, (64, 32, 32)[wide]), 8
+    return 32, _block(m, 64), 8
 
 
 def _row_splits(n: int, programs: int, block_n: int, device) -> int:
@@ -174,10 +178,12 @@ def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=None, block_m=None, nu
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], c.shape[-1]
     _check_dims("kron_gram", **{"b.shape[-1]": e, "c.shape[-1]": d})
     a_, c_, bt = _flat(a, op_dtype), _flat(c, op_dtype), _weights_by_column(b)
-    default = launch_config("gram", op_dtype, m, d)
+    default = launch_config("gram", op_dtype, m, max(d, e))
     block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
     block_d = _block(d, MAX_DIM)
     slices, m_blocks = a_.shape[0], math.ceil(m / block_m)
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"kron_gram: splits must be an int >= 1 or None, got {splits!r}")
     splits = splits or _row_splits(n, e * m_blocks * slices, block_n, a.device)
     rows_per_split = math.ceil(math.ceil(n / splits) / block_n) * block_n
     splits = max(1, math.ceil(n / rows_per_split))
@@ -204,7 +210,7 @@ def kron_rows(a, b, middle, *, op_dtype=torch.float32, block_n=None, block_m=Non
     a_, bt = _flat(a, op_dtype), _weights_by_column(b)
     mid, mid_group = _middle_slices(middle, lead, op_dtype)
     out = torch.empty(a_.shape[0], n, d, device=a.device, dtype=torch.float32)
-    default = launch_config("rows", op_dtype, m, d)
+    default = launch_config("rows", op_dtype, m, max(d, e))
     block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
     block_d = _block(d, MAX_DIM)
     kron_rows_kernel[(math.ceil(n / block_n), a_.shape[0])](

@@ -132,4 +132,4 @@ def test_chained_exact_factors_keep_fp32_operands():
         out = lora.chained_lowrank_attention(qs, ks, vs, factors="exact", threshold=None, backend=backend)
         results[backend] = torch.autograd.grad(out, (qs, ks, vs), do)
     for a, b in zip(results["triton"], results["reference"]):
-        assert rel(a.float(), b.float()) < 5e-3
+        assert rel(a.float(), b.float()) < 5e-4  # bf16 operands would give 3e-3

@@ -318,6 +318,22 @@ def test_kernel_dims_beyond_one_block_are_refused():
         chained_grad.kron_rows(a, torch.randn(1, 8, 4), torch.zeros(1, 4, 4, 300))
 
 
+def test_exact_factors_keep_fp32_kernel_operands(monkeypatch):
+    """factors='exact' (the algebra check) must not round kernel operands to bf16, whatever the
+    operand policy says for the inputs."""
+    from scatterattn.kernels import chained_grad
+
+    monkeypatch.setattr(chained_grad, "operand_dtype", lambda dtype, device="cuda": torch.bfloat16)
+    seen = []
+    kron_gram = chained_grad.kron_gram
+    monkeypatch.setattr(chained_grad, "kron_gram", lambda *a, op_dtype, **kw: seen.append(op_dtype) or kron_gram(
+        *a, op_dtype=torch.float32, **kw))
+    q = torch.randn(1, 1, 20, 16, requires_grad=True)
+    lora.chained_lowrank_attention(q, q, q, factors="exact", threshold=None, backend="triton").sum().backward()
+    lora.chained_lowrank_attention(q, q, q, threshold=None, backend="triton", seed=0).sum().backward()
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2  # two grams per backward
+
+
 def test_kernel_operand_dtype_policy():
     """16-bit inputs on CUDA get bf16 tensor-core operands (fp16 would flush D~^-1 phi(q) to zero);
     fp32 stays fp32, and so does everything in the CPU interpreter (its bf16 dot is wrong)."""
