@@ -177,6 +177,9 @@ def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=None, block_m=None, nu
     lead = a.shape[:-2]
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], c.shape[-1]
     _check_dims("kron_gram", **{"b.shape[-1]": e, "c.shape[-1]": d})
+    if not a.shape[:-1] == b.shape[:-1] == c.shape[:-1] or n == 0:
+        raise ValueError(f"kron_gram: a, b, c must share their leading dims and N >= 1, got "
+                         f"{tuple(a.shape)}, {tuple(b.shape)}, {tuple(c.shape)}")
     a_, c_, bt = _flat(a, op_dtype), _flat(c, op_dtype), _weights_by_column(b)
     default = launch_config("gram", op_dtype, m, max(d, e))
     block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
@@ -207,6 +210,9 @@ def kron_rows(a, b, middle, *, op_dtype=torch.float32, block_n=None, block_m=Non
     lead = a.shape[:-2]
     n, m, e, d = a.shape[-2], a.shape[-1], b.shape[-1], middle.shape[-1]
     _check_dims("kron_rows", **{"b.shape[-1]": e, "middle.shape[-1]": d})
+    if a.shape[:-1] != b.shape[:-1] or tuple(middle.shape[-3:-1]) != (m, e) or n == 0:
+        raise ValueError(f"kron_rows: a (..., N, m) and b (..., N, E) must share their leading dims, N >= 1, "
+                         f"and middle end in (m, E, D); got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(middle.shape)}")
     a_, bt = _flat(a, op_dtype), _weights_by_column(b)
     mid, mid_group = _middle_slices(middle, lead, op_dtype)
     out = torch.empty(a_.shape[0], n, d, device=a.device, dtype=torch.float32)

@@ -305,7 +305,7 @@ def test_kernel_products_directly(op_dtype, tol, blocks):
         assert rel(got, lora._kron_rows(a3.double(), b3.double(), middle.double()).float()) < tol
 
 
-def test_kernel_dims_beyond_one_block_are_refused():
+def test_kernel_launchers_refuse_bad_arguments():
     from scatterattn import triton_backend
     from scatterattn.kernels import chained_grad
 
@@ -316,6 +316,12 @@ def test_kernel_dims_beyond_one_block_are_refused():
         chained_grad.kron_gram(a, b, torch.randn(1, 8, 4))
     with pytest.raises(ValueError, match="middle.shape\\[-1\\] must be <= 256"):
         chained_grad.kron_rows(a, torch.randn(1, 8, 4), torch.zeros(1, 4, 4, 300))
+    with pytest.raises(ValueError, match="share their leading dims"):
+        chained_grad.kron_gram(a, torch.randn(1, 9, 4), torch.randn(1, 8, 4))
+    with pytest.raises(ValueError, match="middle end in"):
+        chained_grad.kron_rows(a, torch.randn(1, 8, 4), torch.zeros(1, 5, 4, 4))
+    with pytest.raises(ValueError, match="splits must be"):
+        chained_grad.kron_gram(a, torch.randn(1, 8, 4), torch.randn(1, 8, 4), splits=0)
 
 
 def test_exact_factors_keep_fp32_kernel_operands(monkeypatch):
