@@ -7,6 +7,8 @@
 Times are medians of triton.testing.do_bench (ms); peak memory is torch.cuda.max_memory_allocated
 over one call, inputs included (MiB). Writes a markdown table, a JSON file and a PNG plot under
 --out, and prints the table last, with the issue's targets checked against SDPA. Needs CUDA.
+Unless --no-profile, one forward+backward of SB-LSH and SB-Local at the largest N is profiled
+(bench/profile_breakdown.py: kernels, sorting, torch glue, launch count) and the tables are added.
 """
 
 from __future__ import annotations
@@ -109,6 +111,30 @@ def run(args):
                 del q, k, v
                 torch.cuda.empty_cache()
     return rows
+
+
+def profile_tables(args) -> str:
+    """Markdown: where one forward+backward of the Scatterbrain methods spends device time."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_breakdown import breakdown
+
+    device, dtype, n = torch.device("cuda"), getattr(torch, args.dtype), max(args.seq_lens)
+    methods = build_methods(args, device)
+    gen = torch.Generator(device=device).manual_seed(n)
+    shape = (args.batch, args.heads, n, args.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn_like(q)
+    parts = []
+    for name in ("sb-lsh", "sb-local"):
+        def step(fn=methods[name]):
+            fn(q, k, v).backward(grad)
+            for t in (q, k, v):
+                t.grad = None
+        try:
+            parts.append(f"### {name}, N={n:,}, forward+backward\n\n{breakdown(step)['table']}\n")
+        except Exception as exc:  # a failed profile is reported, not fatal
+            parts.append(f"### {name}, N={n:,}: profile failed: {exc!r}\n")
+    return "\n## Where the time goes\n\n" + "\n".join(parts)
 
 
 def lookup(rows, n, method, mode):
@@ -214,6 +240,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--reference-max-len", type=int, default=65536)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile at the largest N")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -237,7 +264,12 @@ def main(argv=None):
     with open(base + ".json", "w") as fh:
         json.dump(dict(header=header, rows=rows), fh, indent=1)
     plot(rows, base + ".png")
-    print(text)
+    print(text, flush=True)
+    if not args.no_profile:  # after the table is safely written: a cut run keeps it
+        profile = profile_tables(args)
+        with open(base + ".md", "a") as fh:
+            fh.write(profile)
+        print(profile)
     return 0
 
 

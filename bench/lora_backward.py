@@ -284,6 +284,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["auto", "reference", "triton"], default="auto",
                    help="chained backward backend (default auto: Triton kernels on CUDA, torch on the CPU)")
     p.add_argument("--repeats", type=int, default=3, help="CPU: timed runs per measurement (default 3)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="CUDA: skip the per-kernel profile of the chained backward at the largest N")
     p.add_argument("--out", default=None, help="directory for lora-backward[-causal]-m<m>-<date>-<device>.md (default: print only)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -298,11 +300,33 @@ def parse_args(argv=None):
     return args
 
 
+def profile_table(args) -> str:
+    """Markdown: where one chained backward at the largest N spends device time (CUDA)."""
+    from profile_breakdown import breakdown
+
+    n = max(args.seq_lens)
+    device = torch.device(args.device)
+    methods, _ = build_methods(args)
+    q, k, v, g = make_inputs(n, args, device, getattr(torch, args.dtype), seed=n)
+    out = methods["chained"](q, k, v)
+
+    def step():
+        out.backward(g, retain_graph=True)
+        for t in (q, k, v):
+            t.grad = None
+
+    try:
+        return f"\n## Where the backward's time goes (chained, N={n})\n\n{breakdown(step)['table']}\n"
+    except Exception as exc:  # a failed profile is reported, not fatal
+        return f"\n## Where the backward's time goes (chained, N={n}): profile failed: {exc!r}\n"
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     rows = run(args)
     text = format_markdown(rows, args, device)
+    path = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         variant = ("-causal" if args.causal else "") + f"-m{args.features}"
@@ -310,7 +334,13 @@ def main(argv=None) -> list[dict]:
         with open(path, "w") as fh:
             fh.write(text)
         print(f"wrote {path}", file=sys.stderr)
-    print(text)
+    print(text, flush=True)
+    if device.type == "cuda" and not args.no_profile:  # after the table is safely written
+        profile = profile_table(args)
+        if path:
+            with open(path, "a") as fh:
+                fh.write(profile)
+        print(profile)
     return rows
 
 

@@ -86,3 +86,20 @@ def test_lora_backward_cuda_report(tmp_path):
     assert checks["N=65536: chained backward >= 10x faster than the exact backward"] == (
         "12.00 ms vs 97.00 ms (8.08x)", False)
     assert checks["chained: extra peak memory linear in N"] == ("growth exponent 1.00 between N=16384 and N=65536", True)
+
+
+def test_profile_breakdown_on_the_cpu():
+    """The profile table (per-op self time, launch count) that the GPU benchmarks append, on CPU ops."""
+    import torch
+
+    profile = _load("profile_breakdown")
+    x = torch.randn(64, 64, device="cuda" if torch.cuda.is_available() else "cpu")
+    result = profile.breakdown(lambda: (x @ x).exp().sum(), repeats=2, top=3)
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert result["total_ms"] > 0 and result["launches"] >= 3
+    assert 1 <= len(result["rows"]) <= 3
+    assert sum(share for *_, share in result["rows"]) <= 1 + 1e-9
+    lines = result["table"].splitlines()
+    assert lines[2] == "| op / kernel | calls | ms | share |" and len(lines) == 4 + len(result["rows"])
+    if result["device"] == "cpu":
+        assert any("aten::mm" in line for line in lines)
