@@ -16,6 +16,7 @@ import torch
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # D = 256 compiles, but the backward's tiles need 288 KiB of shared memory (sm_90: 227)
 CHAINED_MAX_HEAD_DIM = 256  # the chained-gradient kernels (scatterattn.kernels.chained_grad.MAX_DIM)
+MAX_BATCH_HEADS = 65535  # the kernels launch batch * heads programs along a CUDA grid axis capped there
 
 
 def interpreter_enabled() -> bool:
@@ -29,6 +30,9 @@ def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor
         return "causal Scatterbrain kernels are not implemented yet (is_causal=True runs on the reference)"
     if query.dtype not in KERNEL_DTYPES:
         return f"the kernels take float16, bfloat16 or float32 inputs, got {query.dtype}"
+    if query.shape[0] * query.shape[1] > MAX_BATCH_HEADS:
+        return (f"the kernels take batch * heads up to {MAX_BATCH_HEADS} (one CUDA grid axis), got "
+                f"{query.shape[0]} * {query.shape[1]}")
     dims = (query.shape[-1],) if value is None else (query.shape[-1], value.shape[-1])
     if max(dims) > max_head_dim:
         return f"the kernels take head dims up to {max_head_dim} (query and value), got {dims}"

@@ -111,6 +111,9 @@ def test_backend_errors_and_auto_choice(monkeypatch):
     wide = torch.randn(1, 1, 8, 256, device=DEVICE)
     with pytest.raises(ValueError, match=r"head dims up to 128 \(query and value\), got \(16, 256\)"):
         sa.scatterbrain_attention(q, q, wide, backend="triton", seed=0)
+    many = torch.randn(4096, 17, 1, 16, device=DEVICE)  # batch * heads = 69,632 programs on one grid axis
+    with pytest.raises(ValueError, match=r"batch \* heads up to 65535"):
+        sa.scatterbrain_attention(many, many, many, backend="triton", seed=0)
     widest = torch.randn(1, 1, 8, 264, device=DEVICE)
     with pytest.raises(ValueError, match="head dims up to 256"):  # the chained kernels take 256
         sa.chained_lowrank_attention(widest, widest, widest, backend="triton", seed=0)
