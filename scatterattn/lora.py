@@ -39,8 +39,8 @@ from .sparsity import local_plan, lsh_plan
 DEFAULT_THRESHOLD = 2.0  # logit bound: ~20% gradient error at m = 256 (bench/results/phase_transition.md)
 ROW_BLOCK = 256  # rows per block when contracting with the (m, Dv, D) middle factors
 CAUSAL_CHUNK = 64  # rows per chunk of the causal chain, doubled while there would be more than
-MAX_CAUSAL_CHUNKS = 128  # chunks (a Python loop of ~15 tensor ops per chunk and pass: on a GPU
-# launch-bound at 64 rows; the exact intra-chunk part costs O(N chunk m), so chunks stay small)
+MAX_CAUSAL_CHUNKS = 128  # chunks (a Python loop of a few dozen tensor ops per chunk and pass: on a
+# GPU launch-bound at 64 rows; the exact intra-chunk part costs O(N chunk m), so chunks stay small)
 
 
 @dataclass

@@ -74,7 +74,7 @@ class ScatterbrainTritonFunction(torch.autograd.Function):
         q, k, v, out, den, stab, *rest = ctx.saved_tensors
         w, state = (rest[0], tuple(rest[1:])) if ctx.has_features else (None, None)
         dq, dk, dv = bwd.sparse_lowrank_backward(
-            q, k, v, out, grad_out.contiguous(), w, state, ctx.plan, den, stab,
+            q, k, v, out, grad_out, w, state, ctx.plan, den, stab,  # the launcher takes dO's strides
             tau=ctx.scale, key_valid=ctx.key_valid,
         )
         return dq, dk, dv, None, None, None, None

@@ -189,3 +189,21 @@ def test_lsh_plan_same_with_the_hash_kernel(monkeypatch):
     with_kernel = sparsity.lsh_plan(q, k, **kw)
     for name in ("q_index", "k_index", "q_bucket", "k_bucket"):
         assert torch.equal(getattr(with_kernel, name), getattr(with_torch, name)), name
+
+
+def test_backward_takes_the_upstream_gradient_strides():
+    """out.sum().backward() hands the backward an expanded (stride-0) dO; a transposed dO has no
+    unit stride in the last dim. Both must give the reference's gradients."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=gen).to(DEVICE) for _ in range(3))
+    kw = dict(sparse="lsh", bucket_size=16, num_features=16, seed=0)
+    upstream = [None, torch.randn(2, 2, 16, 40, generator=gen).to(DEVICE).transpose(-1, -2)]
+    for grad_out in upstream:
+        grads = {}
+        for backend in ("triton", "reference"):
+            xs = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = sa.scatterbrain_attention(*xs, backend=backend, **kw)
+            (out.sum() if grad_out is None else out).backward(grad_out)
+            grads[backend] = [x.grad for x in xs]
+        for a, b in zip(grads["triton"], grads["reference"]):
+            assert rel(a, b) < TOL[torch.float32]
