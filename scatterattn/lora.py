@@ -224,7 +224,7 @@ def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=Fa
     m1 = gram(v1, v, k)  # (V1 (x) V)^T K: (B, Hkv, m, Dv, D)
     v1k = (v1.transpose(-1, -2) @ k).unsqueeze(2)  # V1^T K: (m, D)
     dq = scale * (rows(u1, grad_out, m1.unsqueeze(2)) - rho * (u1 @ v1k))
-    m2 = gram(u1, grad_out, q).sum(2)  # (U1 (x) dO)^T Q, summed over the group
+    m2 = gram(*(x.flatten(2, 3) for x in (u1, grad_out, q)))  # (U1 (x) dO)^T Q over the group's rows
     dk = rows(v1, v, m2)
     u1_rho_q = torch.einsum("bhgna,bhgnd->bhad", u1, rho * q)  # U1^T diag(rho) Q, summed over G
     dk = scale * (dk - v1 @ u1_rho_q)
@@ -377,7 +377,7 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chu
         dv = v1c @ state_udo + (f.transpose(-1, -2) @ do).sum(2)
         dk_chunks.append(scale * dk)
         dv_chunks.append(dv)
-        state_m2 = state_m2 + gram(u, do, qc).sum(2)
+        state_m2 = state_m2 + gram(*(x.flatten(2, 3) for x in (u, do, qc)))  # over the group's rows
         state_urq = state_urq + torch.einsum("bhgna,bhgnd->bhad", u, rho * qc)
         state_udo = state_udo + torch.einsum("bhgna,bhgne->bhae", u, do)
     dq = torch.cat(dq_chunks, dim=-2)[..., :n_q, :]
