@@ -221,11 +221,13 @@ def chained_attention_backward(q, k, v, grad_out, u1, v1, scale, *, is_causal=Fa
     if rho is None:
         o_tilde = u1 @ (v1.transpose(-1, -2) @ v).unsqueeze(2)
         rho = (grad_out * o_tilde).sum(-1, keepdim=True)
-    m1 = gram(v1, v, k)  # (V1 (x) V)^T K: (B, Hkv, m, Dv, D)
+    # each factor enters two Kronecker products: cast it to the kernels' operand dtype once
+    u1_op, v1_op = (u1, v1) if kernel_dtype is None else (u1.to(kernel_dtype), v1.to(kernel_dtype))
+    m1 = gram(v1_op, v, k)  # (V1 (x) V)^T K: (B, Hkv, m, Dv, D)
     v1k = (v1.transpose(-1, -2) @ k).unsqueeze(2)  # V1^T K: (m, D)
-    dq = scale * (rows(u1, grad_out, m1.unsqueeze(2)) - rho * (u1 @ v1k))
-    m2 = gram(*(x.flatten(2, 3) for x in (u1, grad_out, q)))  # (U1 (x) dO)^T Q over the group's rows
-    dk = rows(v1, v, m2)
+    dq = scale * (rows(u1_op, grad_out, m1.unsqueeze(2)) - rho * (u1 @ v1k))
+    m2 = gram(*(x.flatten(2, 3) for x in (u1_op, grad_out, q)))  # (U1 (x) dO)^T Q over the group's rows
+    dk = rows(v1_op, v, m2)
     u1_rho_q = torch.einsum("bhgna,bhgnd->bhad", u1, rho * q)  # U1^T diag(rho) Q, summed over G
     dk = scale * (dk - v1 @ u1_rho_q)
     dv = v1 @ torch.einsum("bhgna,bhgne->bhae", u1, grad_out)
@@ -280,16 +282,17 @@ def sparse_corrected_backward(q, k, v, grad_out, u1, v1, correction, scale, *, i
 
 def _kron_ops(kernel_dtype):
     """(gram, rows): the torch versions below (kernel_dtype None), or the Triton kernels with dot
-    operands of kernel_dtype (results cast back to the compute dtype)."""
+    operands of kernel_dtype (results cast back to the compute dtype, b's: a may already be in
+    the operand dtype)."""
     if kernel_dtype is None:
         return _kron_gram, _kron_rows
     from .kernels import chained_grad
 
     def gram(a, b, c):
-        return chained_grad.kron_gram(a, b, c, op_dtype=kernel_dtype).to(a.dtype)
+        return chained_grad.kron_gram(a, b, c, op_dtype=kernel_dtype).to(b.dtype)
 
     def rows(a, b, middle):
-        return chained_grad.kron_rows(a, b, middle, op_dtype=kernel_dtype).to(a.dtype)
+        return chained_grad.kron_rows(a, b, middle, op_dtype=kernel_dtype).to(b.dtype)
 
     return gram, rows
 

@@ -340,6 +340,19 @@ def test_exact_factors_keep_fp32_kernel_operands(monkeypatch):
     assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2  # two grams per backward
 
 
+def test_chain_with_16_bit_kernel_operands():
+    """chained_attention_backward with 16-bit kernel operands (fp16 here, as the interpreter's bf16
+    dot is wrong): factors cast once, results back in the compute dtype, within fp16 rounding."""
+    q, k, v, do = (t.float() for t in qkv(batch=1, heads=2, kv_heads=1, n=70, dim=16, gamma=0.4))
+    qg, dog = (x.reshape(1, 1, 2, 70, -1) for x in (q, do))
+    u1, v1, _ = lora.random_feature_factors(qg, k, torch.randn(16, 16), 0.25)
+    einsum = lora.chained_attention_backward(qg, k, v, dog, u1, v1, 0.25)
+    kernels = lora.chained_attention_backward(qg, k, v, dog, u1, v1, 0.25, kernel_dtype=torch.float16)
+    for a, b in zip(kernels, einsum):
+        assert a.dtype == torch.float32
+        assert rel(a, b) < 1e-2
+
+
 def test_kernel_operand_dtype_policy():
     """16-bit inputs on CUDA get bf16 tensor-core operands (fp16 would flush D~^-1 phi(q) to zero);
     fp32 stays fp32, and so does everything in the CPU interpreter (its bf16 dot is wrong)."""
