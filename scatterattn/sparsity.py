@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import triton_backend
+
 
 @dataclass(frozen=True)
 class SparsePlan:
@@ -126,22 +128,17 @@ def lsh_plan(
         )
 
 
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def norms_and_projections(x: torch.Tensor, directions: torch.Tensor):
     """(|x|^2 (..., N), x . a_r (..., N, R)) in fp32 for x (..., N, D) and directions (R, D) fp32.
 
     On CUDA (fp16/bf16/fp32) with triton installed, a Triton kernel reads x once in its own dtype
-    (scatterattn.kernels.lsh_hash); elsewhere torch does it on an fp32 copy. The two agree up to
-    fp32 summation order, so hashes that tie to the last bit may sort differently across devices.
+    (scatterattn.kernels.lsh_hash); elsewhere, and when the slices (batch x heads) exceed the
+    kernels' grid limit, torch does it on an fp32 copy. The two agree up to fp32 summation order,
+    so hashes that tie to the last bit may sort differently between the two.
     """
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and _have_triton():
+    slices = math.prod(x.shape[:-2])
+    if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and slices <= triton_backend.MAX_BATCH_HEADS and triton_backend.triton_available()):
         from .kernels.lsh_hash import norms_and_projections as kernel
 
         return kernel(x, directions)

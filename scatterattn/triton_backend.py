@@ -19,6 +19,14 @@ CHAINED_MAX_HEAD_DIM = 256  # the chained-gradient kernels (scatterattn.kernels.
 MAX_BATCH_HEADS = 65535  # the kernels launch batch * heads programs along a CUDA grid axis capped there
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -41,9 +49,7 @@ def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor
             f"the kernels need CUDA tensors (got device {query.device}); on the CPU set "
             "TRITON_INTERPRET=1 before importing triton to run them in the interpreter"
         )
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_available():
         return "triton is not installed"
     return None
 
