@@ -15,10 +15,15 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
    where phi~_jf = exp(l(k_j)_f - g_f). r_i starts at max_f (l(q_i)_f + g_f) and grows online over
    the key chunks (flash style). The low-rank term is added in round 0 only; each round writes
    (num, den, r) and `combine_rounds` merges rounds, or round 0 of a one-round plan writes O.
+   When the tile's whole key list is one chunk (LOW_RANK_IN_CHUNK: buckets up to BLOCK_K keys), the
+   first feature pass only finds r_i (a dot and a max, no exp) and phi_i . KV, phi_i . z are added in
+   the chunk's own feature loop, where phi_i is computed anyway: phi(q) is exponentiated once per
+   tile instead of once per pass.
 
 Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
 'ieee' for fp32 inputs); the products with the fp32 state KV use FP32_PREC ('tf32' for half inputs,
-'ieee' for fp32). The feature matrix is rounded to the input dtype once, by the caller.
+'ieee' for fp32), except that the one-chunk path rounds KV to bf16 for bf16 inputs (|KV| <= S max|v|
+would overflow fp16). The feature matrix is rounded to the input dtype once, by the caller.
 """
 
 import triton
@@ -102,7 +107,7 @@ def sparse_lowrank_fwd_kernel(
     stride_sb, stride_sh,
     H, GROUP, N, S, M, D, DV, TQ, TK, ROUND, BAND, tau, sqrt_tau, inv_m,
     HAS_FEATURES: tl.constexpr, ADD_LOW_RANK: tl.constexpr, HAS_VALID: tl.constexpr,
-    HAS_BAND: tl.constexpr, DEDUP: tl.constexpr, WRITE_OUT: tl.constexpr,
+    HAS_BAND: tl.constexpr, DEDUP: tl.constexpr, WRITE_OUT: tl.constexpr, LOW_RANK_IN_CHUNK: tl.constexpr,
     PREC: tl.constexpr, FP32_PREC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -123,7 +128,8 @@ def sparse_lowrank_fwd_kernel(
     state = (b * (H // GROUP) + hkv).to(tl.int64)
 
     # Row stabiliser from the low-rank term, r_i = max_f (l(q_i)_f + g_f), found in the same pass
-    # over the features that adds phi_i . KV and phi_i . z (rescaled online as r_i grows).
+    # over the features that adds phi_i . KV and phi_i . z (rescaled online as r_i grows), unless
+    # the single key chunk adds them (LOW_RANK_IN_CHUNK).
     row_lr = tl.full((BLOCK_Q,), NEG, tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_DV), tl.float32)
     den = tl.zeros((BLOCK_Q,), tl.float32)
@@ -134,7 +140,7 @@ def sparse_lowrank_fwd_kernel(
             g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
             lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC) + g[None, :]
             new_lr = tl.maximum(row_lr, tl.max(lq, 1))
-            if ADD_LOW_RANK:
+            if ADD_LOW_RANK and not LOW_RANK_IN_CHUNK:
                 alpha = tl.exp(row_lr - new_lr)
                 phi_q = tl.exp(lq - new_lr[:, None]) * inv_m
                 kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
@@ -171,9 +177,19 @@ def sparse_lowrank_fwd_kernel(
                 g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-                neg_phi_q = -tl.exp(lq + g[None, :] - new_row[:, None]) * inv_m
+                phi_q = tl.exp(lq + g[None, :] - new_row[:, None]) * inv_m
                 phi_k = tl.exp(lk - g[None, :])
-                corr = tl.dot(neg_phi_q.to(q.dtype), tl.trans(phi_k.to(q.dtype)), corr, input_precision=PREC)
+                neg_phi_q = (-phi_q).to(q.dtype)
+                corr = tl.dot(neg_phi_q, tl.trans(phi_k.to(q.dtype)), corr, input_precision=PREC)
+                if LOW_RANK_IN_CHUNK:  # the only chunk: new_row is final
+                    kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                                 mask=(offs_f[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+                    z = tl.load(Z + state * M + offs_f, mask=offs_f < M, other=0.0)
+                    if q.dtype == tl.bfloat16:  # |KV| <= S max|v| fits bf16 (not fp16): reuse -phi
+                        acc = tl.dot(neg_phi_q, (-kv).to(q.dtype), acc, input_precision=PREC)
+                    else:
+                        acc = tl.dot(phi_q, kv, acc, input_precision=FP32_PREC)
+                    den += tl.sum(phi_q * z[None, :], 1)
             corr = tl.where(pair, corr, 0.0)
         acc = tl.dot(corr.to(v.dtype), v, acc, input_precision=PREC)
         den += tl.sum(corr, 1)
@@ -211,14 +227,20 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int) -> tuple[in
     Chosen without a GPU, from the registers and spill stack of every configuration compiled for
     sm_90 with the JIT's argument specialisation (bench/kernel_resources.py,
     bench/results/kernel_resources_triton3.6.0.md): the fewest spills, then the larger tiles.
-    Forward: no spills at D = 64 or 128 (head dims above 64 take feature chunks of 16). Backward:
-    key chunks of 16; no spills at D = 64, 104 B/thread at D = 128 (the least of all 24 tried).
-    To be confirmed on a GPU with bench/kernel_configs.py.
+    Forward: head dims up to 64 take a tile's whole key list (up to 128 keys) in one chunk, so the
+    low-rank term joins the chunk's feature loop (one exp of phi(q) per tile instead of three for
+    buckets of 128 in chunks of 64; 0 spills in bf16, 16 B/thread in fp16); wider heads keep chunks
+    of 64 keys and the separate low-rank pass (no spills; one chunk spills 32 B at D = 128).
+    Backward: key chunks of 16; no spills at D = 64, 104 B/thread at D = 128 (the least of all 24
+    tried). To be confirmed on a GPU with bench/kernel_configs.py.
     """
     wide = max(dim, v_dim) > 64
     block_q = min(_pow2(tq), 128)
     if kind == "forward":
-        block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32
+        if not wide and 0 < tk <= 128:
+            block_k, block_f = _pow2(tk), 16
+        else:
+            block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32
         warps = 8 if block_q * block_k >= 64 * 64 else 4
     else:
         block_k, block_f = 16, 16
@@ -384,7 +406,8 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
             tiles.band, tau, math.sqrt(tau), 1.0 / max(m, 1),
             HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
-            WRITE_OUT=write_out, PREC=prec, FP32_PREC=fp32_prec,
+            WRITE_OUT=write_out, LOW_RANK_IN_CHUNK=has_features and r == 0 and 0 < tk <= block_k,
+            PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f,
             BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim), num_warps=num_warps,
         )

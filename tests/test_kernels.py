@@ -207,3 +207,25 @@ def test_backward_takes_the_upstream_gradient_strides():
             grads[backend] = [x.grad for x in xs]
         for a, b in zip(grads["triton"], grads["reference"]):
             assert rel(a, b) < TOL[torch.float32]
+
+
+def test_one_chunk_forward_equals_chunked_forward():
+    """A tile's key list in one chunk (the low-rank term computed inside it) or in chunks of 16
+    (a separate low-rank pass): the same function, equal to fp32 rounding, for one and two rounds."""
+    from scatterattn.kernels import scatterbrain_fwd as fwd
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 70, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, 2, 61, 16, generator=gen).to(DEVICE) for _ in range(2))
+    valid = torch.ones(2, 61, dtype=torch.bool, device=DEVICE)
+    valid[1, 40:] = False
+    for rounds in (1, 2):
+        prepared = sa.functional.prepare_call(q, k, v, num_features=24, bucket_size=32, n_hashes=rounds,
+                                              key_padding_mask=~valid, seed=rounds)
+        w = prepared.feature_matrix
+        state = fwd.key_state(k, v, w, valid, prepared.scale ** 0.5)
+        results = [fwd.sparse_lowrank_forward(q, k, v, w, state, prepared.plan, tau=prepared.scale,
+                                              key_valid=valid, out_dtype=q.dtype, block_k=block_k)
+                   for block_k in (32, 16)]
+        for one_chunk, chunked in zip(*results):
+            assert rel(one_chunk, chunked) < 1e-6
