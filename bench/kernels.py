@@ -9,6 +9,9 @@ over one call, inputs included (MiB). Writes a markdown table, a JSON file and a
 --out, and prints the table last, with the issue's targets checked against SDPA. Needs CUDA.
 Unless --no-profile, one forward+backward of SB-LSH and SB-Local at the largest N is profiled
 (bench/profile_breakdown.py: kernels, sorting, torch glue, launch count) and the tables are added.
+Unless --no-graphs, SDPA, SB-LSH and SB-Local up to --graph-max-len are also timed replayed from a
+CUDA graph (triton.testing.do_bench_cudagraph): device time without Python and launch overhead,
+which is what the eager times above it are made of at small N. Targets are checked on eager times.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import torch
 
 METHODS = ("sdpa", "flex-window", "sb-lsh", "sb-local", "sb-lsh-reference")
+GRAPHED = ("sdpa", "sb-lsh", "sb-local")
 
 
 def build_methods(args, device):
@@ -82,13 +86,30 @@ def measure(fn, q, k, v, backward: bool):
     return ms, peak
 
 
-def run(args):
+def measure_graphed(fn, q, k, v, backward: bool):
+    """Median ms of fn (and its backward, by torch.autograd.grad) replayed from a CUDA graph."""
+    import triton.testing
+
+    grad = torch.randn_like(q) if backward else None
+
+    def step():
+        out = fn(q, k, v)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), grad)
+
+    return triton.testing.do_bench_cudagraph(step, rep=10, return_mode="median")
+
+
+def run(args, names=METHODS, max_len=None, graphed=False):
+    """One row per (N, method, mode): ms and peak_mib (eager) or device_ms (graphed), or error."""
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     methods = build_methods(args, device)
     rows = []
     for n in args.seq_lens:
-        for name in METHODS:
+        if max_len is not None and n > max_len:
+            continue
+        for name in names:
             if name not in methods:
                 continue
             if name == "sb-lsh-reference" and n > args.reference_max_len:
@@ -100,17 +121,35 @@ def run(args):
                     torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_(backward)
                     for _ in range(3)
                 )
-                label = f"N={n:>6} {name:<17} {'fwd+bwd' if backward else 'fwd':<7}"
+                mode = "fwd+bwd" if backward else "fwd"
+                label = f"N={n:>6} {name:<17} {mode:<7}{' graph' if graphed else ''}"
                 try:
-                    ms, peak = measure(methods[name], q, k, v, backward)
-                    print(f"{label} {ms:9.3f} ms {peak:9.0f} MiB", file=sys.stderr, flush=True)
-                    rows.append(dict(n=n, method=name, mode="fwd+bwd" if backward else "fwd", ms=ms, peak_mib=peak))
+                    if graphed:
+                        result = dict(device_ms=measure_graphed(methods[name], q, k, v, backward))
+                    else:
+                        ms, peak = measure(methods[name], q, k, v, backward)
+                        result = dict(ms=ms, peak_mib=peak)
+                    print(label, " ".join(f"{key}={value:.3f}" for key, value in result.items()),
+                          file=sys.stderr, flush=True)
                 except Exception as exc:
                     print(f"{label} failed: {exc!r}", file=sys.stderr, flush=True)
-                    rows.append(dict(n=n, method=name, mode="fwd+bwd" if backward else "fwd", error=repr(exc)))
+                    result = dict(error=repr(exc))
+                rows.append(dict(n=n, method=name, mode=mode, **result))
                 del q, k, v
                 torch.cuda.empty_cache()
     return rows
+
+
+def device_table(eager_rows, graph_rows) -> str:
+    """Markdown: eager and CUDA-graph medians per (N, method, mode); host share = 1 - graph / eager."""
+    lines = ["| N | method | mode | eager ms | graph ms | host share |", "|---|---|---|---|---|---|"]
+    for r in graph_rows:
+        eager = lookup(eager_rows, r["n"], r["method"], r["mode"])
+        graph = f"{r['device_ms']:.3f}" if "device_ms" in r else "failed"
+        eager_ms = f"{eager['ms']:.3f}" if eager else "-"
+        share = f"{max(0.0, 1 - r['device_ms'] / eager['ms']):.0%}" if eager and "device_ms" in r else "-"
+        lines.append(f"| {r['n']:,} | {r['method']} | {r['mode']} | {eager_ms} | {graph} | {share} |")
+    return "\n".join(lines)
 
 
 def profile_tables(args) -> str:
@@ -241,6 +280,8 @@ def main(argv=None):
     parser.add_argument("--reference-max-len", type=int, default=65536)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile at the largest N")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (device time) timings")
+    parser.add_argument("--graph-max-len", type=int, default=16384, help="largest N timed from a CUDA graph")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -270,6 +311,17 @@ def main(argv=None):
         with open(base + ".md", "a") as fh:
             fh.write(profile)
         print(profile)
+    if not args.no_graphs:
+        graph_rows = run(args, GRAPHED, args.graph_max_len, graphed=True)
+        section = ("\n## Device time: replayed from a CUDA graph\n\nSame inputs; `graph ms` is "
+                   "triton.testing.do_bench_cudagraph's median, without Python and launch overhead; "
+                   "`host share` is the part of the eager time that overhead makes.\n\n"
+                   f"{device_table(rows, graph_rows)}\n")
+        with open(base + ".md", "a") as fh:
+            fh.write(section)
+        with open(base + ".json", "w") as fh:
+            json.dump(dict(header=header, rows=rows, graph_rows=graph_rows), fh, indent=1)
+        print(section, flush=True)
     return 0
 
 

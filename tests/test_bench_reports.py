@@ -71,6 +71,18 @@ def test_kernel_table_skips_failed_rows_and_plots(kernels, tmp_path):
     assert kernels.plot(rows, tmp_path / "plot.png") and (tmp_path / "plot.png").stat().st_size > 0
 
 
+def test_device_time_table(kernels):
+    eager = _kernel_rows()
+    graph = [dict(n=4096, method="sb-lsh", mode="fwd", device_ms=0.016),
+             dict(n=4096, method="sb-lsh", mode="fwd+bwd", error="RuntimeError('capture')"),
+             dict(n=1024, method="sdpa", mode="fwd", device_ms=0.02)]  # no eager row at 1k
+    lines = kernels.device_table(eager, graph).splitlines()
+    assert lines[0] == "| N | method | mode | eager ms | graph ms | host share |"
+    assert lines[2] == "| 4,096 | sb-lsh | fwd | 0.125 | 0.016 | 87% |"
+    assert lines[3] == "| 4,096 | sb-lsh | fwd+bwd | 1.000 | failed | - |"
+    assert lines[4] == "| 1,024 | sdpa | fwd | - | 0.020 | - |"
+
+
 def test_lora_backward_cuda_report(tmp_path):
     lora = _load("lora_backward")
     rows = []
