@@ -228,19 +228,19 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int) -> tuple[in
     sm_90 with the JIT's argument specialisation (bench/kernel_resources.py,
     bench/results/kernel_resources_triton3.6.0.md): the fewest spills, then the larger tiles.
     Forward: head dims up to 64 take a tile's whole key list (up to 128 keys) in one chunk, so the
-    low-rank term joins the chunk's feature loop (one exp of phi(q) per tile instead of three for
-    buckets of 128 in chunks of 64; 0 spills in bf16, 16 B/thread in fp16); wider heads keep chunks
-    of 64 keys and the separate low-rank pass (no spills; one chunk spills 32 B at D = 128).
-    Backward: key chunks of 16; no spills at D = 64, 104 B/thread at D = 128 (the least of all 24
-    tried). To be confirmed on a GPU with bench/kernel_configs.py.
+    low-rank term joins the chunk's feature loop: for buckets of 128, phi(q) is exponentiated once
+    instead of three times (chunks of 64) and phi(k) twice (two sub-blocks of 64 queries), 896
+    exps per query instead of 1152, no spills (triton 3.6 and 3.9; 128 query rows would spill
+    24 B on 3.6). Wider heads keep chunks of 64 keys and the separate low-rank pass (no spills;
+    one chunk spills 32 B at D = 128). Backward: key chunks of 16; no spills at D = 64, 104 B/thread
+    at D = 128 (the least of all 24 tried). To be confirmed on a GPU with bench/kernel_configs.py.
     """
     wide = max(dim, v_dim) > 64
     block_q = min(_pow2(tq), 128)
     if kind == "forward":
         if not wide and 0 < tk <= 128:
-            block_k, block_f = _pow2(tk), 16
-        else:
-            block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32
+            return min(block_q, 64), _pow2(tk), 16, 4
+        block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32
         warps = 8 if block_q * block_k >= 64 * 64 else 4
     else:
         block_k, block_f = 16, 16
