@@ -12,8 +12,9 @@ Formulas: shared/docs/scatterbrain-math.md, "Backward", in the stabilised units 
     u_jf = Kt_jf (v_j . QG_f - qd_f - sum_{i: j in Sup_i} dA_ij P_if)  with qd_f = sum_i delta_i P_if
     dq_i += sqrt(tau) W^T u_i - tau q_i sum_f u_if   (and the same for dk_j with u_j, k_j)
 Kernels:
-  * row_delta_kernel: delta_i = (dO_i . O_i) / den_i (G itself is never stored: every kernel forms
-    G_i = dO_i / den_i from the upstream gradient as it loads it);
+  * row_delta_kernel: 1 / den_i (0 for a row without keys) and delta_i = (dO_i . O_i) / den_i (G
+    itself is never stored: every kernel forms G_i = dO_i / den_i from the upstream gradient as it
+    loads it);
   * query_state_kernel: QG and qd (split over queries, partial sums added on the host);
   * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv);
   * sparse_lowrank_bwd_kernel: per tile of a round, dq (the round-0 low-rank term and the support
@@ -39,10 +40,11 @@ from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions
 
 
 @triton.jit
-def row_delta_kernel(GRAD_OUT, OUT, INV_DEN, DELTA, stride_gb, stride_gh, stride_gn,
+def row_delta_kernel(GRAD_OUT, OUT, DEN, INV_DEN, DELTA, stride_gb, stride_gh, stride_gn,
                      stride_ob, stride_oh, stride_on, H, N, DV,
                      BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta (B, H, N) contiguous fp32 = (dO . O) * inv_den per row, in fp32."""
+    """inv_den = 1 / den (0 where den <= 0: rows without keys) and delta = (dO . O) * inv_den,
+    (B, H, N) contiguous fp32."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -55,7 +57,9 @@ def row_delta_kernel(GRAD_OUT, OUT, INV_DEN, DELTA, stride_gb, stride_gh, stride
     out = tl.load(OUT + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on + offs_dv[None, :],
                   mask=mask, other=0.0).to(tl.float32)
     rows = pid_bh.to(tl.int64) * N + offs_n
-    inv_den = tl.load(INV_DEN + rows, mask=offs_n < N, other=0.0)
+    den = tl.load(DEN + rows, mask=offs_n < N, other=0.0)
+    inv_den = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+    tl.store(INV_DEN + rows, inv_den, mask=offs_n < N)
     tl.store(DELTA + rows, tl.sum(d_out * out, 1) * inv_den, mask=offs_n < N)
 
 
@@ -306,11 +310,10 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     prec, fp32_prec = precisions(q.dtype)
     sqrt_tau, inv_m = math.sqrt(tau), 1.0 / max(m, 1)
     grad = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    stab = stab.contiguous()
-    inv_den = torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0).contiguous()  # rows without keys: 0
-    delta = torch.empty_like(inv_den)
+    stab, den = stab.contiguous(), den.contiguous()
+    inv_den, delta = torch.empty_like(den), torch.empty_like(den)
     row_delta_kernel[(triton.cdiv(n_q, block_s), batch * heads)](
-        grad, out, inv_den, delta, grad.stride(0), grad.stride(1), grad.stride(2),
+        grad, out, den, inv_den, delta, grad.stride(0), grad.stride(1), grad.stride(2),
         out.stride(0), out.stride(1), out.stride(2), heads, n_q, v_dim,
         BLOCK_N=block_s, BLOCK_DV=_pow2(v_dim),
     )

@@ -7,7 +7,7 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
 1. `key_state_kernel`, grid (key splits, feature chunks, B * Hkv): for its keys and features, the
    per-feature maximum g_f of l(k)_f and the partial sums KV_f = sum_j exp(l(k_j)_f - g_f) v_j,
    z_f = sum_j exp(l(k_j)_f - g_f), rescaled online as the maximum grows. phi(K) is never stored;
-   `combine_key_state` merges the splits (split-K style).
+   `combine_key_state_kernel` merges the splits (split-K style) at the global maximum g_f.
 2. `sparse_lowrank_fwd_kernel`, grid (tiles, B * H) for one round: a tile's queries and keys are
    loaded through the plan's index lists (no gathered copies). With r_i the row stabiliser:
      phi_if = exp(l(q_i)_f + g_f - r_i) / m,  num_i = phi_i . KV + sum_{j in Sup_i} C_ij v_j,
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, NEG_VALUE, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row,
+    NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row,
 )
 
 
@@ -87,6 +87,34 @@ def key_state_kernel(
     tl.store(Z_PART + part * M + offs_f, z_acc, mask=f_ok)
     tl.store(KV_PART + part * M * DV + offs_f[:, None] * DV + offs_dv[None, :], acc,
              mask=f_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def combine_key_state_kernel(KV_PART, Z_PART, MAX_PART, KV, Z, G, N_SPLITS, M, DV,
+                             BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Program (state b*Hkv + h, feature block): g_f = max over splits of the split maxima (0 when
+    no split saw a real key) and KV_f, z_f = sum over splits of the partial sums times
+    exp(split max - g_f)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    f_ok = offs_f < M
+    kv_mask = f_ok[:, None] & (offs_dv[None, :] < DV)
+    g = tl.full((BLOCK_F,), NEG, tl.float32)
+    for split in range(N_SPLITS):
+        g = tl.maximum(g, tl.load(MAX_PART + (pid_bh * N_SPLITS + split) * M + offs_f, mask=f_ok, other=NEG))
+    g = tl.where(g > NEG * 0.5, g, 0.0)  # no real key at all: any shift works
+    kv = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
+    z = tl.zeros((BLOCK_F,), tl.float32)
+    for split in range(N_SPLITS):
+        part = pid_bh * N_SPLITS + split
+        weight = tl.exp(tl.load(MAX_PART + part * M + offs_f, mask=f_ok, other=NEG) - g)
+        kv += tl.load(KV_PART + part * M * DV + offs_f[:, None] * DV + offs_dv[None, :], mask=kv_mask,
+                      other=0.0) * weight[:, None]
+        z += tl.load(Z_PART + part * M + offs_f, mask=f_ok, other=0.0) * weight
+    tl.store(G + pid_bh * M + offs_f, g, mask=f_ok)
+    tl.store(Z + pid_bh * M + offs_f, z, mask=f_ok)
+    tl.store(KV + pid_bh * M * DV + offs_f[:, None] * DV + offs_dv[None, :], kv, mask=kv_mask)
 
 
 @triton.jit
@@ -281,16 +309,9 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=64, block_f=32, keys_per_
         HAS_VALID=key_valid is not None, PREC=prec,
         BLOCK_S=block_s, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
     )
-    return combine_key_state(kv_part, z_part, max_part)
-
-
-def combine_key_state(kv_part, z_part, max_part):
-    """Merge per-split partial states to the global per-feature maximum g."""
-    g = max_part.amax(dim=1)
-    g = torch.where(g > NEG_VALUE / 2, g, torch.zeros_like(g))  # no real key at all: any shift works
-    weight = torch.exp(max_part - g.unsqueeze(1))
-    kv = (kv_part * weight.unsqueeze(-1)).sum(1)
-    z = (z_part * weight).sum(1)
+    kv, z, g = torch.empty_like(kv_part[:, 0]), torch.empty_like(z_part[:, 0]), torch.empty_like(z_part[:, 0])
+    combine_key_state_kernel[(bh, triton.cdiv(m, block_f))](
+        kv_part, z_part, max_part, kv, z, g, n_splits, m, v_dim, BLOCK_F=block_f, BLOCK_DV=_pow2(v_dim))
     return kv, z, g
 
 

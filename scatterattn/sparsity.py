@@ -183,8 +183,8 @@ def _pad_last(order: torch.Tensor, length: int, fill: int) -> torch.Tensor:
 
 def _ranks_to_buckets(order: torch.Tensor, chunk: int) -> torch.Tensor:
     """bucket[..., order[..., p]] = p // chunk: the bucket of each position, from the sort order."""
-    ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ranks // chunk)
+    buckets = torch.div(torch.arange(order.shape[-1], device=order.device), chunk, rounding_mode="floor")
+    return torch.empty_like(order).scatter_(-1, order, buckets.expand_as(order))
 
 
 def local_plan(

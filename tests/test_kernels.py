@@ -251,3 +251,19 @@ def test_fp16_low_rank_state_beyond_fp16_range():
         assert torch.isfinite(a).all(), name
         if name in ("out", "dv"):
             assert rel(a, b) < 2e-2, (name, rel(a, b))
+
+
+def test_key_state_independent_of_the_key_splits():
+    """KV, z and g merged from splits of 16 keys (with a split of padding only) equal one split
+    over all keys, to fp32 rounding."""
+    from scatterattn.kernels import scatterbrain_fwd as fwd
+
+    gen = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(2, 2, 61, 16, generator=gen).to(DEVICE) for _ in range(2))
+    w = draw_feature_matrix(24, 16, generator=gen).to(DEVICE)
+    valid = torch.ones(2, 61, dtype=torch.bool, device=DEVICE)
+    valid[1, 30:] = False  # batch 1: its last two splits of 16 hold no real key
+    whole = fwd.key_state(k, v, w, valid, 0.5, block_s=16, keys_per_split=64)
+    split = fwd.key_state(k, v, w, valid, 0.5, block_s=16, keys_per_split=16)
+    for a, b in zip(whole, split):
+        assert rel(a, b) < 1e-6
