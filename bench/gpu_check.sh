@@ -35,23 +35,28 @@ stage() {  # stage NAME CAP_SECONDS LOG COMMAND...: run with timeout min(CAP, ti
   echo "   exit $rc, ${SECONDS}s elapsed"
 }
 
-stage "GPU tests: bf16, 64k tokens, chained-gradient kernels" 120 "$out_dir/gpu_tests.log" \
-  python3 -m pytest tests/test_kernels_gpu.py tests/test_lora.py -q -p no:cacheprovider -k "gpu or kernel or bf16 or 64k or memory"
+stage "GPU tests: bf16, 64k tokens, chained-gradient kernels" 150 "$out_dir/gpu_tests.log" \
+  python3 -m pytest tests/test_kernels_gpu.py tests/test_lora.py -v -p no:cacheprovider -k "gpu or kernel or bf16 or 64k or memory"
 tail -3 "$out_dir/gpu_tests.log"
-stage "Scatterbrain kernel benchmark" 180 "$out_dir/bench_kernels.log" python3 bench/kernels.py --out bench/results
-stage "chained low-rank gradient benchmark" 80 "$out_dir/bench_lora.log" python3 bench/lora_backward.py --out bench/results
-stage "interpreter-shape kernel tests, compiled" 90 "$out_dir/gpu_kernel_tests.log" \
-  python3 -m pytest tests/test_kernels.py -q -p no:cacheprovider
-stage "chained gradient: m 128 at 64k (the 10x question), causal at 8k and 64k" 70 "$out_dir/bench_lora_more.log" \
+stage "Scatterbrain kernel benchmark" 170 "$out_dir/bench_kernels.log" python3 bench/kernels.py --out bench/results
+stage "chained low-rank gradient benchmark" 70 "$out_dir/bench_lora.log" python3 bench/lora_backward.py --out bench/results
+stage "launch configurations (N 16k)" 70 "$out_dir/kernel_configs.log" python3 bench/kernel_configs.py
+stage "interpreter-shape kernel tests, compiled" 60 "$out_dir/gpu_kernel_tests.log" \
+  python3 -m pytest tests/test_kernels.py -v -p no:cacheprovider
+stage "chained gradient: m 128 at 64k (the 10x question), causal at 8k and 64k" 60 "$out_dir/bench_lora_more.log" \
   bash -c "python3 bench/lora_backward.py --out bench/results --features 128 --seq-lens 65536;
            python3 bench/lora_backward.py --out bench/results --causal --seq-lens 8192 65536"
-stage "launch configurations (N 16k)" 90 "$out_dir/kernel_configs.log" python3 bench/kernel_configs.py
-cp bench/results/kernels-* bench/results/lora-backward-* "$out_dir"/ 2>/dev/null || true
+# one archive: the device tool returns at most 8 files from $OUT (the logs above are 6)
+archive="$(cd "$out_dir" && pwd)/results.tgz"
+(cd bench/results && tar czf "$archive" kernels-* lora-backward-* 2>/dev/null) || true
 
 echo "== summary (${SECONDS}s of ${budget}s)"
-for log in gpu_tests gpu_kernel_tests; do
-  printf '%-17s %s\n' "$log:" "$(grep -h "passed\|failed\|skipped, " "$out_dir/$log.log" | tail -1)"
+for log in gpu_tests gpu_kernel_tests; do  # the pytest summary, or the counts so far of a cut run
+  line=$(grep -h "passed\|failed\|skipped, " "$out_dir/$log.log" | tail -1)
+  [ -n "$line" ] || line="cut: $(grep -c " PASSED" "$out_dir/$log.log") passed, $(grep -c " FAILED" "$out_dir/$log.log") failed so far"
+  printf '%-17s %s\n' "$log:" "$line"
 done
+grep -h " FAILED" "$out_dir/gpu_tests.log" "$out_dir/gpu_kernel_tests.log" 2>/dev/null | head -8
 sed -n '/^| N |/,/^$/p' "$out_dir/bench_kernels.log"
 grep -h "^- \[" "$out_dir/bench_kernels.log" "$out_dir/bench_lora.log" "$out_dir/kernel_configs.log" 2>/dev/null
 grep -h " ms " "$out_dir/bench_lora.log" "$out_dir/bench_lora_more.log" 2>/dev/null | grep -v "^|" | tail -14

@@ -315,7 +315,9 @@ def main(argv=None):
         graph_rows = run(args, GRAPHED, args.graph_max_len, graphed=True)
         section = ("\n## Device time: replayed from a CUDA graph\n\nSame inputs; `graph ms` is "
                    "triton.testing.do_bench_cudagraph's median, without Python and launch overhead; "
-                   "`host share` is the part of the eager time that overhead makes.\n\n"
+                   "`host share` = 1 - graph / eager, the part of the eager time that overhead makes "
+                   "(an upper bound: do_bench flushes L2 before each eager call, graph replays run "
+                   "back to back with warm caches).\n\n"
                    f"{device_table(rows, graph_rows)}\n")
         with open(base + ".md", "a") as fh:
             fh.write(section)

@@ -2,7 +2,9 @@
 
 Used by bench/kernels.py and bench/lora_backward.py (--profile) to say what bounds a method at a
 given size (its Triton kernels, sorting, torch glue, the number of launches) from a measurement.
-On CUDA it ranks by self device time (kernels); on the CPU by self CPU time (for tests).
+On CUDA it ranks the device-side events (kernels, memcpy, memset) by self device time; the CPU ops
+that launched them also carry that time in torch's averages and are left out, so nothing counts
+twice. On the CPU it ranks ops by self CPU time (for tests).
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ def breakdown(fn, *, repeats: int = 3, top: int = 12) -> dict:
         if cuda:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    events = timed_events(prof.key_averages(), cuda)
     total_us = sum(getattr(e, key) for e in events) / repeats
     if total_us <= 0:
         raise RuntimeError(f"nothing recorded {key} (did fn run on the profiled device?)")
@@ -43,3 +44,15 @@ def breakdown(fn, *, repeats: int = 3, top: int = 12) -> dict:
         lines.append(f"| `{short.replace('|', '/')}` | {calls:g} | {ms:.3f} | {100 * share:.1f}% |")
     return dict(device="cuda" if cuda else "cpu", total_ms=total_us / 1000, launches=launches, rows=rows,
                 table="\n".join(lines))
+
+
+def timed_events(averages, cuda: bool) -> list:
+    """The events to rank, largest self time first: on CUDA the device-side ones only (a CPU op's
+    self device time is its kernels' time, listed again as the kernels themselves), on the CPU the
+    CPU ops; user annotations (record_function ranges) are left out on both."""
+    from torch.autograd import DeviceType
+
+    kind, key = (DeviceType.CUDA, "self_device_time_total") if cuda else (DeviceType.CPU, "self_cpu_time_total")
+    events = [e for e in averages if e.device_type == kind and not getattr(e, "is_user_annotation", False)
+              and getattr(e, key) > 0]
+    return sorted(events, key=lambda e: getattr(e, key), reverse=True)

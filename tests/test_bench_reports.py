@@ -115,3 +115,23 @@ def test_profile_breakdown_on_the_cpu():
     assert lines[2] == "| op / kernel | calls | ms | share |" and len(lines) == 4 + len(result["rows"])
     if result["device"] == "cpu":
         assert any("aten::mm" in line for line in lines)
+
+
+def test_profile_counts_device_time_once():
+    """On CUDA torch's averages give a CPU op the device time of the kernels it launched, and list
+    those kernels too: only the device-side events may be summed."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    profile = _load("profile_breakdown")
+
+    def event(key, device_type, device_us, cpu_us=1.0, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us, is_user_annotation=annotation)
+
+    averages = [event("aten::mm", DeviceType.CPU, 50.0, 9.0), event("gemm_kernel", DeviceType.CUDA, 50.0, 0.0),
+                event("fwd_kernel", DeviceType.CUDA, 80.0, 0.0), event("my_range", DeviceType.CUDA, 130.0, 0.0, True),
+                event("aten::empty", DeviceType.CPU, 0.0, 2.0)]
+    assert [e.key for e in profile.timed_events(averages, cuda=True)] == ["fwd_kernel", "gemm_kernel"]
+    assert [e.key for e in profile.timed_events(averages, cuda=False)] == ["aten::mm", "aten::empty"]

@@ -334,7 +334,8 @@ def test_exact_factors_keep_fp32_kernel_operands(monkeypatch):
     kron_gram = chained_grad.kron_gram
     monkeypatch.setattr(chained_grad, "kron_gram", lambda *a, op_dtype, **kw: seen.append(op_dtype) or kron_gram(
         *a, op_dtype=torch.float32, **kw))
-    q = torch.randn(1, 1, 20, 16, requires_grad=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU: the interpreter)
+    q = torch.randn(1, 1, 20, 16, device=device, requires_grad=True)
     lora.chained_lowrank_attention(q, q, q, factors="exact", threshold=None, backend="triton").sum().backward()
     lora.chained_lowrank_attention(q, q, q, threshold=None, backend="triton", seed=0).sum().backward()
     assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2  # two grams per backward
@@ -343,9 +344,10 @@ def test_exact_factors_keep_fp32_kernel_operands(monkeypatch):
 def test_chain_with_16_bit_kernel_operands():
     """chained_attention_backward with 16-bit kernel operands (fp16 here, as the interpreter's bf16
     dot is wrong): factors cast once, results back in the compute dtype, within fp16 rounding."""
-    q, k, v, do = (t.float() for t in qkv(batch=1, heads=2, kv_heads=1, n=70, dim=16, gamma=0.4))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU: the interpreter)
+    q, k, v, do = (t.float().to(device) for t in qkv(batch=1, heads=2, kv_heads=1, n=70, dim=16, gamma=0.4))
     qg, dog = (x.reshape(1, 1, 2, 70, -1) for x in (q, do))
-    u1, v1, _ = lora.random_feature_factors(qg, k, torch.randn(16, 16), 0.25)
+    u1, v1, _ = lora.random_feature_factors(qg, k, torch.randn(16, 16, device=device), 0.25)
     einsum = lora.chained_attention_backward(qg, k, v, dog, u1, v1, 0.25)
     kernels = lora.chained_attention_backward(qg, k, v, dog, u1, v1, 0.25, kernel_dtype=torch.float16)
     for a, b in zip(kernels, einsum):
