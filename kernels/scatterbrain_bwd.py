@@ -35,8 +35,7 @@ from .scatterbrain_common import (
     NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row,
 )
 
-STATE_BLOCK_F = 32  # features per program of the query-state and per-key low-rank kernels
-from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions
+from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions, state_blocks
 
 
 @triton.jit
@@ -294,7 +293,7 @@ def sparse_lowrank_bwd_kernel(
 
 
 def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *, tau, key_valid,
-                            block_q=None, block_k=None, block_f=None, block_s=64, rows_per_split=1024,
+                            block_q=None, block_k=None, block_f=None, block_s=None, rows_per_split=1024,
                             num_warps=None):
     """(dq, dk, dv) in the input dtypes for the forward `sparse_lowrank_forward` computed.
 
@@ -308,6 +307,12 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     has_features = w is not None
     m = w.shape[0] if has_features else 0
     prec, fp32_prec = precisions(q.dtype)
+    # the state kernels' rows per step and features (`state_blocks`); 64 features spill in the
+    # query state beyond head dim 64 (96 B at 128) and in the per-key low-rank kernel (8 B at 64)
+    rows, state_f = state_blocks(prec)
+    block_s = block_s or rows
+    query_block_f = state_f if max(dim, v_dim) <= 64 else min(state_f, 32)
+    key_block_f = min(state_f, 32)
     sqrt_tau, inv_m = math.sqrt(tau), 1.0 / max(m, 1)
     grad = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     stab, den = stab.contiguous(), den.contiguous()
@@ -329,12 +334,12 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         n_splits = math.ceil(n_q / rows_per_split)
         qg_part = torch.empty(batch * heads, n_splits, m, v_dim, device=device, dtype=torch.float32)
         qd_part = torch.empty(batch * heads, n_splits, m, device=device, dtype=torch.float32)
-        query_state_kernel[(n_splits, triton.cdiv(m, STATE_BLOCK_F), batch * heads)](
+        query_state_kernel[(n_splits, triton.cdiv(m, query_block_f), batch * heads)](
             q, grad, inv_den, delta, stab, w, g, qg_part, qd_part,
             q.stride(0), q.stride(1), q.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
             stab.stride(0), stab.stride(1), w.stride(0), heads, group, n_q, m, dim, v_dim,
             rows_per_split, tau, sqrt_tau, inv_m,
-            PREC=prec, BLOCK_N=block_s, BLOCK_F=STATE_BLOCK_F, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+            PREC=prec, BLOCK_N=block_s, BLOCK_F=query_block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
         )
         qg = qg_part.sum(1).reshape(batch, kv_heads, group, m, v_dim).sum(2).reshape(-1, m, v_dim).contiguous()
         qd = qd_part.sum(1).reshape(batch, kv_heads, group, m).sum(2).reshape(-1, m).contiguous()
@@ -344,7 +349,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             w.stride(0), valid_stride, kv_heads, n_k, m, dim, v_dim, tau, sqrt_tau,
             HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
-            BLOCK_S=block_s, BLOCK_F=STATE_BLOCK_F, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+            BLOCK_S=block_s, BLOCK_F=key_block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
         )
     else:
         kv = z = g = dk  # unused pointers
@@ -355,7 +360,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     # an fp32 accumulator carries the earlier rounds (none with one round)
     dq = torch.empty(batch, heads, n_q, dim, device=device, dtype=q.dtype)
     dq_acc = dq if tiles.n_rounds == 1 else torch.empty(batch, heads, n_q, dim, device=device, dtype=torch.float32)
-    default = launch_config("backward", tiles.tq, tiles.tk, dim, v_dim)
+    default = launch_config("backward", tiles.tq, tiles.tk, dim, v_dim, prec)
     block_q, block_k, block_f, num_warps = (
         given or fallback for given, fallback in zip((block_q, block_k, block_f, num_warps), default))
     for r in range(tiles.n_rounds):

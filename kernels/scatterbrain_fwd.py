@@ -248,9 +248,11 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
 
 
-def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int) -> tuple[int, int, int, int]:
+def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
+                  prec: str = "tf32") -> tuple[int, int, int, int]:
     """(BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the sparse + low-rank kernels, kind 'forward' or
-    'backward', for query tiles of tq rows and key lists of tk keys.
+    'backward', for query tiles of tq rows and key lists of tk keys; prec is the dots' precision
+    (`precisions`): 'ieee' (fp32 inputs without TF32) has no tensor cores and takes small tiles.
 
     Chosen without a GPU, from the registers and spill stack of every configuration compiled for
     sm_90 with the JIT's argument specialisation (bench/kernel_resources.py,
@@ -262,9 +264,16 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int) -> tuple[in
     24 B on 3.6). Wider heads keep chunks of 64 keys and the separate low-rank pass (no spills;
     one chunk spills 32 B at D = 128). Backward: key chunks of 16; no spills at D = 64, 104 B/thread
     at D = 128 (the least of all 24 tried). To be confirmed on a GPU with bench/kernel_configs.py.
+    IEEE fp32 dots (FMA, no tensor cores) spill at every size tried; the least: 32 x 32 tiles
+    forward (536 B at D = 64, against 9 KB with the bf16 default), 64 x 16 with 8 warps backward
+    (16 B).
     """
     wide = max(dim, v_dim) > 64
     block_q = min(_pow2(tq), 128)
+    if prec == "ieee":
+        if kind == "forward":
+            return min(block_q, 32), min(_pow2(tk), 32), 16, 4
+        return min(block_q, 64), 16, 16, 8 if block_q >= 64 else 4
     if kind == "forward":
         if not wide and 0 < tk <= 128:
             return min(block_q, 64), _pow2(tk), 16, 4
@@ -277,19 +286,37 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int) -> tuple[in
 
 
 def precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """(PREC, FP32_PREC): IEEE fp32 dots for fp32 inputs, tf32 for the fp32 state otherwise."""
-    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32")
+    """(PREC, FP32_PREC) of the dots. fp32 inputs follow torch's matmul setting: TF32 tensor cores
+    when `torch.backends.cuda.matmul.allow_tf32` is set, IEEE fp32 otherwise (exact, but without
+    tensor cores: slow). 16-bit inputs: their own dtype on tensor cores, TF32 for the fp32 state."""
+    if dtype == torch.float32:
+        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return prec, prec
+    return "tf32", "tf32"
 
 
-def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=64, block_f=32, keys_per_split=1024):
+def state_blocks(prec: str) -> tuple[int, int]:
+    """(rows, features) per step of the state kernels (key state here; query state and per-key
+    low-rank backward in scatterbrain_bwd, which take 32 features where 64 spills). On tensor
+    cores (64, 64): the (features, rows) x (rows, Dv) products are then warpgroup MMAs (HGMMA; 32
+    rows fall back to HMMA), without spills in bf16 at D = 64 (key state: also 128). IEEE fp32
+    dots have no tensor cores (FMA) and spill 0.4-13 KB per thread on those blocks: (32, 16), no
+    spills at D = 64, 340-630 B at 128."""
+    return (32, 16) if prec == "ieee" else (64, 64)
+
+
+def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=None, block_f=None, keys_per_split=1024):
     """KV (B*Hkv, m, Dv), z (B*Hkv, m), g (B*Hkv, m), all fp32: the stabilised key-side state.
 
     k (B, Hkv, S, D), v (B, Hkv, S, Dv) contiguous in the last dim; w (m, D) in k's dtype;
     key_valid (B, S) int8/bool or None. g_f is the max over real keys of l(k)_f (0 if none).
+    block_s, block_f: keys per step and features per program (None: `state_blocks`).
     """
     batch, kv_heads, n_k, dim = k.shape
     v_dim = v.shape[-1]
     m = w.shape[0]
+    prec, _ = precisions(k.dtype)
+    block_s, block_f = (given or default for given, default in zip((block_s, block_f), state_blocks(prec)))
     keys_per_split = max(block_s, min(keys_per_split, triton.next_power_of_2(n_k)))
     keys_per_split = math.ceil(keys_per_split / block_s) * block_s
     n_splits = math.ceil(n_k / keys_per_split)
@@ -298,7 +325,6 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=64, block_f=32, keys_per_
     z_part = torch.empty(bh, n_splits, m, device=k.device, dtype=torch.float32)
     max_part = torch.empty(bh, n_splits, m, device=k.device, dtype=torch.float32)
     valid = key_valid if key_valid is not None else k  # dummy pointer when absent
-    prec, _ = precisions(k.dtype)
     grid = (n_splits, triton.cdiv(m, block_f), bh)
     key_state_kernel[grid](
         k, v, w, valid, kv_part, z_part, max_part,
@@ -390,7 +416,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
     w_arg = w if has_features else q
     m = w.shape[0] if has_features else 0
     prec, fp32_prec = precisions(q.dtype)
-    default = launch_config("forward", tq, tk, dim, v_dim)
+    default = launch_config("forward", tq, tk, dim, v_dim, prec)
     block_q, block_k, block_f, num_warps = (
         given or fallback for given, fallback in zip((block_q, block_k, block_f, num_warps), default))
     out = torch.empty(batch, heads, n_q, v_dim, device=device, dtype=out_dtype)

@@ -270,3 +270,25 @@ def test_key_state_independent_of_the_key_splits():
     split = fwd.key_state(k, v, w, valid, 0.5, block_s=16, keys_per_split=16)
     for a, b in zip(whole, split):
         assert rel(a, b) < 1e-6
+
+
+def test_fp32_dots_follow_torch_tf32_setting():
+    """fp32 inputs: IEEE dots on small tiles by default (no tensor cores), TF32 tensor-core dots on
+    the 16-bit launch shapes when torch allows TF32 matmuls; both give the reference's function
+    (TF32 to ~1e-3 on a GPU; the interpreter computes fp32 either way)."""
+    from scatterattn.kernels import scatterbrain_fwd as fwd
+
+    matmul, saved = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert fwd.precisions(torch.float32) == ("ieee", "ieee")
+        assert fwd.precisions(torch.bfloat16) == ("tf32", "tf32")
+        assert fwd.launch_config("forward", 128, 128, 64, 64, "ieee") == (32, 32, 16, 4)
+        assert fwd.launch_config("backward", 128, 128, 64, 64, "ieee") == (64, 16, 16, 8)
+        matmul.allow_tf32 = True
+        assert fwd.precisions(torch.float32) == ("tf32", "tf32")
+        got, want = run_both(torch.float32, 1, 2, 1, 70, 61, 16, SETTINGS["lsh-2-rounds"], padded=True)
+    finally:
+        matmul.allow_tf32 = saved
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel(a, b) < 5e-3, (name, rel(a, b))
