@@ -92,7 +92,9 @@ def format_markdown(rows, *, title_note: str) -> str:
         f"N = {RECORD_N}, m = 256, E = D. Launches are specialised as the JIT specialises them. `spill` = "
         "spill stack in bytes per thread (0 = no spills); registers are capped at 255 per thread. "
         "`(launcher default)` rows are what the launchers choose today. Shared memory above "
-        f"{SM90_SHARED_KIB} KiB cannot launch on sm_90.",
+        f"{SM90_SHARED_KIB} KiB cannot launch on sm_90. `HGMMA / HMMA`: matrix instructions in the SASS, "
+        "Hopper's warpgroup MMA / the older warp-level MMA (slower on Hopper; Triton emits it for dots "
+        "with fewer than 64 rows per warpgroup).",
         "",
     ]
     blocks = {FWD: ("BLOCK_Q", "BLOCK_K", "BLOCK_F"), BWD: ("BLOCK_Q", "BLOCK_K", "BLOCK_F"),
@@ -102,13 +104,14 @@ def format_markdown(rows, *, title_note: str) -> str:
             sel = [r for r in rows if r["kernel"] == kernel and r["dim"] == dim]
             if not sel:
                 continue
-            columns = [*names, "num_warps", "registers", "spill (B/thread)", "shared (KiB)"]
+            columns = [*names, "num_warps", "registers", "spill (B/thread)", "shared (KiB)", "HGMMA / HMMA"]
             lines += [f"## {kernel}, {'D = E' if kernel in (GRAM, ROWS) else 'D'} = {dim}", "",
                       "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             for r in sel:
                 cells = [str(r["blocks"][name]) for name in names]
                 cells[0] += " (launcher default)" if r["defaults"] else ""
-                cells += [str(r["num_warps"]), str(r["registers"]), str(r["spill_stack"]), f"{r['shared'] / 1024:.0f}"]
+                cells += [str(r["num_warps"]), str(r["registers"]), str(r["spill_stack"]), f"{r['shared'] / 1024:.0f}",
+                          f"{r['hgmma']} / {r['hmma']}"]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)

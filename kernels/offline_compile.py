@@ -50,8 +50,7 @@ def restore(module, recorders) -> None:
         setattr(module, name, rec.kernel)
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """{'registers', 'spill_stack'} of a cubin's kernel, from `cuobjdump --dump-resource-usage`."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -59,12 +58,23 @@ def resource_usage(cubin: bytes) -> dict:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Of a cubin's kernel: 'registers' and 'spill_stack' (`cuobjdump --dump-resource-usage`), and
+    from its SASS the matrix instructions, 'hgmma' (Hopper warpgroup MMA) and 'hmma' (the older
+    warp-level MMA, slower on Hopper), and 'local' (LDL/STL: local-memory loads and stores)."""
+    text = _cuobjdump(cubin, "--dump-resource-usage")
     found = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
     if not found:
         raise RuntimeError(f"no resource line in cuobjdump output: {text[-500:]}")
-    return {"registers": int(found.group(1)), "spill_stack": int(found.group(2))}
+    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", _cuobjdump(cubin, "--dump-sass"))
+    if not opcodes:
+        raise RuntimeError("no instructions in cuobjdump --dump-sass output")
+    return {"registers": int(found.group(1)), "spill_stack": int(found.group(2)),
+            "hgmma": opcodes.count("HGMMA"), "hmma": opcodes.count("HMMA"),
+            "local": opcodes.count("LDL") + opcodes.count("STL")}
 
 
 def compile_launch(kernel, args, kwargs, *, arch: int = 90, usage: bool = False) -> dict:

@@ -59,3 +59,21 @@ def test_kernels_compile_for_sm90(case, dtype_name):
     for launch in report:  # (the key-state merge has no dot or reduction: no shared memory)
         assert 0 <= launch["shared"] <= SM90_SHARED_LIMIT, launch
         assert launch["shared"] > 0 or launch["kernel"] == "combine_key_state_kernel", launch
+
+
+def test_resource_readout_and_warpgroup_mma():
+    """The cubin readout that bench/kernel_resources.py reports (registers, spill stack, SASS matrix
+    instructions), on the bf16 LSH launches: the Scatterbrain forward's dots must compile to Hopper's
+    warpgroup MMA (HGMMA), not only to the older warp-level HMMA."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    code = ("import json, torch; from scatterattn.kernels import offline_compile as oc; "
+            "recs = oc.record_scatterbrain(torch.bfloat16, oc.SCATTERBRAIN_CASES['lsh'], n=256); "
+            "print(json.dumps(oc.compile_all(recs, usage=True)))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = {r["kernel"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
+    for r in report.values():
+        assert 0 < r["registers"] <= 255 and r["spill_stack"] >= 0 and r["local"] >= 0, r
+    assert report["sparse_lowrank_fwd_kernel"]["hgmma"] > 0, report["sparse_lowrank_fwd_kernel"]
+    assert report["key_state_kernel"]["hgmma"] > 0 and report["key_state_kernel"]["hmma"] == 0
+    assert report["row_delta_kernel"]["hgmma"] == report["row_delta_kernel"]["hmma"] == 0  # no dot there
