@@ -23,7 +23,7 @@ import math
 import torch
 
 # (block_q, block_k, block_f, num_warps); None = the launcher's default
-# forward: BLOCK_K >= the bucket (128) takes the one-chunk path (low-rank term inside the chunk)
+# forward: BLOCK_K >= the bucket (128): one key chunk per tile
 FORWARD = [None, (128, 64, 32, 8), (128, 128, 16, 8), (128, 128, 32, 8), (64, 128, 16, 4), (64, 64, 32, 4),
            (128, 64, 16, 8), (64, 32, 32, 4)]
 BACKWARD = [None, (64, 32, 16, 4), (64, 32, 32, 4), (64, 64, 16, 8), (64, 16, 16, 4), (128, 16, 16, 8),

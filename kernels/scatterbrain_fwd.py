@@ -15,14 +15,14 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
    where phi~_jf = exp(l(k_j)_f - g_f). r_i starts at max_f (l(q_i)_f + g_f) and grows online over
    the key chunks (flash style). The low-rank term is added in round 0 only; each round writes
    (num, den, r) and `combine_rounds` merges rounds, or round 0 of a one-round plan writes O.
-   When the tile's whole key list is one chunk (LOW_RANK_IN_CHUNK: buckets up to BLOCK_K keys), the
-   first feature pass only finds r_i (a dot and a max, no exp) and phi_i . KV, phi_i . z are added in
-   the chunk's own feature loop, where phi_i is computed anyway: phi(q) is exponentiated once per
-   tile instead of once per pass.
+   When the tile has keys (LOW_RANK_IN_CHUNK), the first feature pass only finds the low-rank part
+   of r_i (a dot and a max, no exp) and phi_i . KV, phi_i . z are added in the last key chunk's
+   feature loop, where r_i is final and phi_i is computed anyway: one exp of phi(q) fewer per key
+   list. A tile without keys (no sparse support) adds them in the first pass.
 
 Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
 'ieee' for fp32 inputs); the products with the fp32 state KV use FP32_PREC ('tf32' for half inputs,
-'ieee' for fp32), except that the one-chunk path rounds KV to bf16 for bf16 inputs (|KV| <= S max|v|
+'ieee' for fp32), except that the last key chunk rounds KV to bf16 for bf16 inputs (|KV| <= S max|v|
 would overflow fp16). The feature matrix is rounded to the input dtype once, by the caller.
 """
 
@@ -157,7 +157,7 @@ def sparse_lowrank_fwd_kernel(
 
     # Row stabiliser from the low-rank term, r_i = max_f (l(q_i)_f + g_f), found in the same pass
     # over the features that adds phi_i . KV and phi_i . z (rescaled online as r_i grows), unless
-    # the single key chunk adds them (LOW_RANK_IN_CHUNK).
+    # the last key chunk adds them (LOW_RANK_IN_CHUNK).
     row_lr = tl.full((BLOCK_Q,), NEG, tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_DV), tl.float32)
     den = tl.zeros((BLOCK_Q,), tl.float32)
@@ -209,15 +209,16 @@ def sparse_lowrank_fwd_kernel(
                 phi_k = tl.exp(lk - g[None, :])
                 neg_phi_q = (-phi_q).to(q.dtype)
                 corr = tl.dot(neg_phi_q, tl.trans(phi_k.to(q.dtype)), corr, input_precision=PREC)
-                if LOW_RANK_IN_CHUNK:  # the only chunk: new_row is final
-                    kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
-                                 mask=(offs_f[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
-                    z = tl.load(Z + state * M + offs_f, mask=offs_f < M, other=0.0)
-                    if q.dtype == tl.bfloat16:  # |KV| <= S max|v| fits bf16 (not fp16): reuse -phi
-                        acc = tl.dot(neg_phi_q, (-kv).to(q.dtype), acc, input_precision=PREC)
-                    else:
-                        acc = tl.dot(phi_q, kv, acc, input_precision=FP32_PREC)
-                    den += tl.sum(phi_q * z[None, :], 1)
+                if LOW_RANK_IN_CHUNK:
+                    if k0 + BLOCK_K >= TK:  # once, in the last chunk (r_i final: no rescaling after)
+                        kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                                     mask=(offs_f[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+                        z = tl.load(Z + state * M + offs_f, mask=offs_f < M, other=0.0)
+                        if q.dtype == tl.bfloat16:  # |KV| <= S max|v| fits bf16 (not fp16): reuse -phi
+                            acc = tl.dot(neg_phi_q, (-kv).to(q.dtype), acc, input_precision=PREC)
+                        else:
+                            acc = tl.dot(phi_q, kv, acc, input_precision=FP32_PREC)
+                        den += tl.sum(phi_q * z[None, :], 1)
             corr = tl.where(pair, corr, 0.0)
         acc = tl.dot(corr.to(v.dtype), v, acc, input_precision=PREC)
         den += tl.sum(corr, 1)
@@ -257,13 +258,12 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     Chosen without a GPU, from the registers and spill stack of every configuration compiled for
     sm_90 with the JIT's argument specialisation (bench/kernel_resources.py,
     bench/results/kernel_resources_triton3.6.0.md): the fewest spills, then the larger tiles.
-    Forward: head dims up to 64 take a tile's whole key list (up to 128 keys) in one chunk, so the
-    low-rank term joins the chunk's feature loop: for buckets of 128, phi(q) is exponentiated once
-    instead of three times (chunks of 64) and phi(k) twice (two sub-blocks of 64 queries), 896
-    exps per query instead of 1152, no spills (triton 3.6 and 3.9; 128 query rows would spill
-    24 B on 3.6). Wider heads keep chunks of 64 keys and the separate low-rank pass (no spills;
-    one chunk spills 32 B at D = 128). Backward: key chunks of 16; no spills at D = 64, 104 B/thread
-    at D = 128 (the least of all 24 tried). To be confirmed on a GPU with bench/kernel_configs.py.
+    Forward: key chunks of 64, features in blocks of 32 (16 beyond head dim 64), no spills at D = 64
+    or 128; for buckets of 128 that is 896 exps and 128k multiply-adds per query, the same as one
+    chunk of 128 keys with 64 query rows (a whole bucket with 128 rows would save a third of the
+    exps but spills 24 B on triton 3.6). Backward: key chunks of 16; no spills at D = 64,
+    104 B/thread at D = 128 (the least of all 24 tried). To be confirmed on a GPU with
+    bench/kernel_configs.py.
     IEEE fp32 dots (FMA, no tensor cores) spill at every size tried; the least: 32 x 32 tiles
     forward (536 B at D = 64, against 9 KB with the bf16 default), 64 x 16 with 8 warps backward
     (16 B).
@@ -275,8 +275,6 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
             return min(block_q, 32), min(_pow2(tk), 32), 16, 4
         return min(block_q, 64), 16, 16, 8 if block_q >= 64 else 4
     if kind == "forward":
-        if not wide and 0 < tk <= 128:
-            return min(block_q, 64), _pow2(tk), 16, 4
         block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32
         warps = 8 if block_q * block_k >= 64 * 64 else 4
     else:
@@ -453,7 +451,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
             tiles.band, tau, math.sqrt(tau), 1.0 / max(m, 1),
             HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
             HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
-            WRITE_OUT=write_out, LOW_RANK_IN_CHUNK=has_features and r == 0 and 0 < tk <= block_k,
+            WRITE_OUT=write_out, LOW_RANK_IN_CHUNK=has_features and r == 0 and tk > 0,
             PREC=prec, FP32_PREC=fp32_prec,
             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f,
             BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim), num_warps=num_warps,

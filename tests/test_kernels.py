@@ -213,8 +213,9 @@ def test_backward_takes_the_upstream_gradient_strides():
 
 
 def test_one_chunk_forward_equals_chunked_forward():
-    """A tile's key list in one chunk (the low-rank term computed inside it) or in chunks of 16
-    (a separate low-rank pass): the same function, equal to fp32 rounding, for one and two rounds."""
+    """A tile's key list in one chunk or in chunks of 16 (the row stabiliser grows over the chunks
+    and the low-rank term joins the last): the same function, equal to fp32 rounding, for one and
+    two rounds."""
     from scatterattn.kernels import scatterbrain_fwd as fwd
 
     gen = torch.Generator().manual_seed(3)
@@ -237,7 +238,7 @@ def test_one_chunk_forward_equals_chunked_forward():
 def test_fp16_low_rank_state_beyond_fp16_range():
     """Small norms (feature weights near 1) and values near 1000 over 128 keys: the low-rank state
     KV_f = sum_j phi~_jf v_j is ~1.3e5, past fp16's 65504, so it must not be rounded to fp16
-    (the one-chunk path keeps fp32 for fp16 inputs). Output and gradients stay finite; out and dv
+    (the last key chunk keeps it fp32 for fp16 inputs). Output and gradients stay finite; out and dv
     match (dq and dk are not compared: dA = G . (v_j - O_i) cancels ~1000s down to ~1s, which fp16
     operands of dO v^T cannot resolve, in flash attention's backward as here)."""
     gen = torch.Generator().manual_seed(4)
