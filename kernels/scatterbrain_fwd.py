@@ -21,8 +21,8 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
    list. A tile without keys (no sparse support) adds them in the first pass.
 
 Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
-'ieee' for fp32 inputs); the products with the fp32 state KV use FP32_PREC ('tf32' for half inputs,
-'ieee' for fp32), except that the last key chunk rounds KV to bf16 for bf16 inputs (|KV| <= S max|v|
+`precisions`, TF32 or IEEE after torch's matmul setting); the products with the fp32 state KV use
+FP32_PREC ('tf32' for half inputs, as PREC for fp32), except that the last key chunk rounds KV to bf16 for bf16 inputs (|KV| <= S max|v|
 would overflow fp16). The feature matrix is rounded to the input dtype once, by the caller.
 """
 
