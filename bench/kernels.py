@@ -21,10 +21,11 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import torch
 
-METHODS = ("sdpa", "flex-window", "sb-lsh", "sb-local", "sb-lsh-reference")
+METHODS = ("sdpa", "sb-lsh", "sb-local", "flex-window", "sb-lsh-reference")  # measured in this order
 GRAPHED = ("sdpa", "sb-lsh", "sb-local")
 
 
@@ -100,8 +101,11 @@ def measure_graphed(fn, q, k, v, backward: bool):
     return triton.testing.do_bench_cudagraph(step, rep=10, return_mode="median")
 
 
-def run(args, names=METHODS, max_len=None, graphed=False):
-    """One row per (N, method, mode): ms and peak_mib (eager) or device_ms (graphed), or error."""
+def run(args, names=METHODS, max_len=None, graphed=False, budget_s=None):
+    """One row per (N, method, mode): ms and peak_mib (eager) or device_ms (graphed), or error.
+    Past budget_s seconds the remaining rows are recorded as skipped, so that the caller still
+    writes its table within a time limit."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     methods = build_methods(args, device)
@@ -122,6 +126,9 @@ def run(args, names=METHODS, max_len=None, graphed=False):
                     for _ in range(3)
                 )
                 mode = "fwd+bwd" if backward else "fwd"
+                if deadline is not None and time.monotonic() > deadline:
+                    rows.append(dict(n=n, method=name, mode=mode, error=f"skipped: time budget of {budget_s} s"))
+                    continue
                 label = f"N={n:>6} {name:<17} {mode:<7}{' graph' if graphed else ''}"
                 try:
                     if graphed:
@@ -279,6 +286,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--reference-max-len", type=int, default=65536)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the eager measurements; later rows are skipped so the table is written")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile at the largest N")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (device time) timings")
     parser.add_argument("--graph-max-len", type=int, default=16384, help="largest N timed from a CUDA graph")
@@ -287,7 +296,7 @@ def main(argv=None):
         parser.error("needs a CUDA GPU")
     import triton
 
-    rows = run(args)
+    rows = run(args, budget_s=args.budget)
     stamp = datetime.date.today().isoformat()
     device_name = torch.cuda.get_device_name()
     header = (f"{stamp}, {device_name}, torch {torch.__version__}, triton {triton.__version__}; "
