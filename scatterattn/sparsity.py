@@ -9,8 +9,8 @@ that shares a bucket in several rounds counts once).
 Shapes (B batch, H query heads, Hkv key/value heads, R rounds, T tiles, tq / tk tile widths):
   q_index (B or 1, H or 1, R, T, tq)   int64, query positions; N marks an empty slot
   k_index (B or 1, Hkv or 1, R, T, tk) int64, key positions; S marks an empty slot
-  q_bucket (B, H, R, N), k_bucket (B, Hkv, R, S): bucket of each position in each round (LSH only),
-  used to count duplicates once.
+  q_bucket (B, H, R, N), k_bucket (B, Hkv, R, S): bucket of each position in each round (LSH with
+  several rounds only; None otherwise), used to count duplicates once.
 Within a round a query appears in exactly one tile; a key may appear in several (local bands,
 LSH buckets shared by several query chunks under key padding). Hashing carries no gradient.
 """
@@ -34,7 +34,7 @@ class SparsePlan:
     num_queries: int
     num_keys: int
     band: int | None = None  # local window: keep |i - j| <= band
-    q_bucket: torch.Tensor | None = None  # LSH: dedup across rounds
+    q_bucket: torch.Tensor | None = None  # LSH with several rounds: dedup across rounds
     k_bucket: torch.Tensor | None = None
 
     @property
@@ -114,10 +114,12 @@ def lsh_plan(
             k_index = k_index.gather(
                 -2, tile_bucket[:, None, None, :, None].expand(batch, kv_heads, n_rounds, n_buckets, bucket_size)
             )
-        q_bucket = tile_bucket[:, None, None, :].expand(batch, heads, n_rounds, n_buckets).gather(
-            -1, _ranks_to_buckets(q_order, q_chunk)
-        )
-        k_bucket = _ranks_to_buckets(k_order, bucket_size)
+        q_bucket = k_bucket = None
+        if n_rounds > 1:  # only deduplication reads them
+            q_bucket = tile_bucket[:, None, None, :].expand(batch, heads, n_rounds, n_buckets).gather(
+                -1, _ranks_to_buckets(q_order, q_chunk)
+            )
+            k_bucket = _ranks_to_buckets(k_order, bucket_size)
         return SparsePlan(
             q_index=q_index.reshape(batch, heads, n_rounds, n_buckets, q_chunk),
             k_index=k_index,
@@ -168,8 +170,8 @@ def _lsh_plan_by_key_position(q_hash, k_hash, k_order, bucket_size, n_buckets, r
         k_index=k_index,
         num_queries=n_q,
         num_keys=n_k,
-        q_bucket=q_bucket,
-        k_bucket=_ranks_to_buckets(k_order, bucket_size),
+        q_bucket=q_bucket if n_rounds > 1 else None,  # only deduplication reads them
+        k_bucket=_ranks_to_buckets(k_order, bucket_size) if n_rounds > 1 else None,
     )
 
 
