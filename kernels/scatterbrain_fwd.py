@@ -22,8 +22,9 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
 
 Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
 `precisions`, TF32 or IEEE after torch's matmul setting); the products with the fp32 state KV use
-FP32_PREC ('tf32' for half inputs, as PREC for fp32), except that the last key chunk rounds KV to bf16 for bf16 inputs (|KV| <= S max|v|
-would overflow fp16). The feature matrix is rounded to the input dtype once, by the caller.
+FP32_PREC ('tf32' for half inputs, as PREC for fp32), except that the last key chunk rounds KV to
+bf16 for bf16 inputs (|KV| <= S max|v| would overflow fp16). The feature matrix is rounded to the
+input dtype once, by the caller.
 """
 
 import triton
