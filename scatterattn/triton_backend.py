@@ -4,12 +4,18 @@ The kernels compute the same function as scatterattn.reference.scatterbrain_refe
 difference: the feature matrix is rounded once to the input dtype (fp16/bf16) so that it can feed
 tensor-core dots; W rounded is a feature matrix of the same distribution up to that rounding, used
 consistently on both sides, so the estimator keeps its form. fp32 inputs keep W in fp32.
+
+The kernel launchers run inside two custom operators, `torch.ops.scatterattn.scatterbrain_forward`
+and `scatterbrain_backward`, each with a shape-only (fake) implementation: `torch.compile` treats
+them as opaque calls and traces everything around them (validation, hashing, the sparse plan, the
+autograd Function), so a compiled model, and CUDA graphs, can hold the whole attention call.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 
@@ -54,35 +60,96 @@ def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor
     return None
 
 
+def _plan_of(q_index, k_index, q_bucket, k_bucket, band, n_q, n_k):
+    from .sparsity import SparsePlan
+
+    if q_index is None:
+        return None
+    return SparsePlan(q_index=q_index, k_index=k_index, num_queries=n_q, num_keys=n_k, band=band,
+                      q_bucket=q_bucket, k_bucket=k_bucket)
+
+
+@torch.library.custom_op("scatterattn::scatterbrain_forward", mutates_args=())
+def scatterbrain_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Optional[torch.Tensor],
+    q_index: Optional[torch.Tensor], k_index: Optional[torch.Tensor], q_bucket: Optional[torch.Tensor],
+    k_bucket: Optional[torch.Tensor], key_valid: Optional[torch.Tensor], scale: float, band: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, den, stab, KV, z, g) of the forward kernels; q, k, v contiguous, w (m, D) in q's dtype
+    or None (no low-rank term: KV, z, g empty); the plan's tensors (None: no sparse support)."""
+    from .kernels import scatterbrain_fwd as fwd
+
+    plan = _plan_of(q_index, k_index, q_bucket, k_bucket, band, q.shape[2], k.shape[2])
+    state = None if w is None else fwd.key_state(k, v, w, key_valid, math.sqrt(scale))
+    out, den, stab = fwd.sparse_lowrank_forward(q, k, v, w, state, plan, tau=scale, key_valid=key_valid,
+                                                out_dtype=q.dtype)
+    if state is None:
+        state = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(3))
+    return out, den, stab, *state
+
+
+@scatterbrain_forward_op.register_fake
+def _(q, k, v, w, q_index, k_index, q_bucket, k_bucket, key_valid, scale, band):
+    batch, heads, n_q, _ = q.shape
+    v_dim = v.shape[-1]
+    stats = [q.new_empty(batch, heads, n_q, dtype=torch.float32) for _ in range(2)]
+    if w is None:
+        state = [q.new_empty(0, dtype=torch.float32) for _ in range(3)]
+    else:
+        states, m = batch * k.shape[1], w.shape[0]
+        state = [q.new_empty(states, m, v_dim, dtype=torch.float32),
+                 *(q.new_empty(states, m, dtype=torch.float32) for _ in range(2))]
+    return q.new_empty(batch, heads, n_q, v_dim), *stats, *state
+
+
+@torch.library.custom_op("scatterattn::scatterbrain_backward", mutates_args=())
+def scatterbrain_backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+    w: Optional[torch.Tensor], kv: torch.Tensor, z: torch.Tensor, g: torch.Tensor, den: torch.Tensor,
+    stab: torch.Tensor, q_index: Optional[torch.Tensor], k_index: Optional[torch.Tensor],
+    q_bucket: Optional[torch.Tensor], k_bucket: Optional[torch.Tensor], key_valid: Optional[torch.Tensor],
+    scale: float, band: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the backward kernels for the forward that gave out, den, stab, KV, z, g."""
+    from .kernels import scatterbrain_bwd as bwd
+
+    plan = _plan_of(q_index, k_index, q_bucket, k_bucket, band, q.shape[2], k.shape[2])
+    state = None if w is None else (kv, z, g)
+    return bwd.sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab,  # takes dO's strides
+                                       tau=scale, key_valid=key_valid)
+
+
+@scatterbrain_backward_op.register_fake
+def _(q, k, v, out, grad_out, w, kv, z, g, den, stab, q_index, k_index, q_bucket, k_bucket, key_valid, scale,
+      band):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _plan_tensors(plan):
+    if plan is None:
+        return (None, None, None, None), None
+    return (plan.q_index, plan.k_index, plan.q_bucket, plan.k_bucket), plan.band
+
+
 class ScatterbrainTritonFunction(torch.autograd.Function):
-    """out = Scatterbrain(q, k, v) with the fused forward and backward kernels (non-causal)."""
+    """out = Scatterbrain(q, k, v) with the fused forward and backward kernels (non-causal), run by
+    the custom operators above."""
 
     @staticmethod
     def forward(ctx, query, key, value, feature_matrix, plan, scale, key_valid):
-        from .kernels import scatterbrain_fwd as fwd
-
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
         w = None if feature_matrix is None else feature_matrix.to(device=q.device, dtype=q.dtype).contiguous()
-        state = None if w is None else fwd.key_state(k, v, w, key_valid, math.sqrt(scale))
-        out, den, stab = fwd.sparse_lowrank_forward(
-            q, k, v, w, state, plan, tau=scale, key_valid=key_valid, out_dtype=q.dtype
-        )
-        state_tensors = () if state is None else state
-        ctx.save_for_backward(q, k, v, out, den, stab, *(() if w is None else (w,)), *state_tensors)
-        ctx.has_features = w is not None
-        ctx.plan, ctx.scale, ctx.key_valid = plan, scale, key_valid
+        plan_tensors, band = _plan_tensors(plan)
+        out, den, stab, kv, z, g = scatterbrain_forward_op(q, k, v, w, *plan_tensors, key_valid, scale, band)
+        ctx.save_for_backward(q, k, v, out, den, stab, w, kv, z, g, *plan_tensors, key_valid)
+        ctx.scale, ctx.band = scale, band
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .kernels import scatterbrain_bwd as bwd
-
-        q, k, v, out, den, stab, *rest = ctx.saved_tensors
-        w, state = (rest[0], tuple(rest[1:])) if ctx.has_features else (None, None)
-        dq, dk, dv = bwd.sparse_lowrank_backward(
-            q, k, v, out, grad_out, w, state, ctx.plan, den, stab,  # the launcher takes dO's strides
-            tau=ctx.scale, key_valid=ctx.key_valid,
-        )
+        q, k, v, out, den, stab, w, kv, z, g, *plan_tensors, key_valid = ctx.saved_tensors
+        dq, dk, dv = scatterbrain_backward_op(q, k, v, out, grad_out, w, kv, z, g, den, stab, *plan_tensors,
+                                              key_valid, ctx.scale, ctx.band)
         return dq, dk, dv, None, None, None, None
 
 

@@ -293,3 +293,21 @@ def test_fp32_dots_follow_torch_tf32_setting():
         matmul.allow_tf32 = saved
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel(a, b) < 5e-3, (name, rel(a, b))
+
+
+@pytest.mark.parametrize("name", ["lsh-2-rounds", "local", "performer"])
+def test_kernel_path_traces_whole_under_torch_compile(name):
+    """The kernels run inside custom operators with shape-only implementations, so torch.compile
+    (fullgraph, aot_eager: no code generation) traces the whole call around them, forward and
+    backward, and the traced graph gives the eager kernels' output and gradients."""
+    mod = sa.ScatterbrainAttention(16, **dict(SETTINGS[name], num_features=16), seed=0, backend="triton").to(DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 2, 40, 16, generator=gen).to(DEVICE) for _ in range(3)]
+    results = []
+    for fn in (mod, torch.compile(mod, backend="aot_eager", fullgraph=True)):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*xs)
+        out.square().sum().backward()
+        results.append([out.detach(), *(x.grad for x in xs)])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
