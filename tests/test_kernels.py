@@ -295,12 +295,14 @@ def test_fp32_dots_follow_torch_tf32_setting():
         assert rel(a, b) < 5e-3, (name, rel(a, b))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("name", ["lsh-2-rounds", "local", "performer"])
-def test_kernel_path_traces_whole_under_torch_compile(name):
-    """The kernels run inside custom operators with shape-only implementations, so torch.compile
-    (fullgraph, aot_eager: no code generation) traces the whole call around them, forward and
-    backward, and the traced graph gives the eager kernels' output and gradients."""
-    mod = sa.ScatterbrainAttention(16, **dict(SETTINGS[name], num_features=16), seed=0, backend="triton").to(DEVICE)
+def test_module_traces_whole_under_torch_compile(name, backend):
+    """torch.compile (fullgraph, aot_eager: no code generation) traces the whole module call,
+    forward and backward: validation, hashing and the plan have no host syncs, and the kernels run
+    inside custom operators with shape-only implementations. The traced graph gives the eager
+    output and gradients. (A host sync such as .item() in the path makes fullgraph fail.)"""
+    mod = sa.ScatterbrainAttention(16, **dict(SETTINGS[name], num_features=16), seed=0, backend=backend).to(DEVICE)
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(1, 2, 40, 16, generator=gen).to(DEVICE) for _ in range(3)]
     results = []
