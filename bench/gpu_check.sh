@@ -46,7 +46,10 @@ stage "interpreter-shape kernel tests, compiled" 60 "$out_dir/gpu_kernel_tests.l
 stage "chained gradient: m 128 at 64k (the 10x question), causal at 8k and 64k" 60 "$out_dir/bench_lora_more.log" \
   bash -c "python3 bench/lora_backward.py --out bench/results --features 128 --seq-lens 65536;
            python3 bench/lora_backward.py --out bench/results --causal --seq-lens 8192 65536"
-# one archive: the device tool returns at most 8 files from $OUT (the logs above are 6)
+stage "SB-LSH under torch.compile (reduce-overhead) at 1k and 4k" 60 "$out_dir/bench_compiled.log" \
+  python3 bench/kernels.py --seq-lens 1024 4096 --methods sdpa sb-lsh sb-lsh-compiled --compiled \
+    --no-profile --no-graphs --out /tmp/scatterattn-compiled
+# one archive: the device tool returns at most 8 files from $OUT (the logs above are 7)
 archive="$(cd "$out_dir" && pwd)/results.tgz"
 (cd bench/results && tar czf "$archive" kernels-* lora-backward-* 2>/dev/null) || true
 
@@ -58,5 +61,6 @@ for log in gpu_tests gpu_kernel_tests; do  # the pytest summary, or the counts s
 done
 grep -h " FAILED" "$out_dir/gpu_tests.log" "$out_dir/gpu_kernel_tests.log" 2>/dev/null | head -8
 sed -n '/^| N |/,/^$/p' "$out_dir/bench_kernels.log"
+grep -h "^| .* | sb-lsh-compiled |\|^- \[.*torch.compile" "$out_dir/bench_compiled.log" 2>/dev/null
 grep -h "^- \[" "$out_dir/bench_kernels.log" "$out_dir/bench_lora.log" "$out_dir/kernel_configs.log" 2>/dev/null
 grep -h " ms " "$out_dir/bench_lora.log" "$out_dir/bench_lora_more.log" 2>/dev/null | grep -v "^|" | tail -14

@@ -9,6 +9,8 @@ over one call, inputs included (MiB). Writes a markdown table, a JSON file and a
 --out, and prints the table last, with the issue's targets checked against SDPA. Needs CUDA.
 Unless --no-profile, one forward+backward of SB-LSH and SB-Local at the largest N is profiled
 (bench/profile_breakdown.py: kernels, sorting, torch glue, launch count) and the tables are added.
+With --compiled, SB-LSH is also timed under torch.compile(mode="reduce-overhead") (inductor and CUDA
+graphs around the kernels' custom operators): what a compiled model pays. --methods picks methods.
 Unless --no-graphs, SDPA, SB-LSH and SB-Local up to --graph-max-len are also timed replayed from a
 CUDA graph (triton.testing.do_bench_cudagraph): device time without Python and launch overhead,
 which is what the eager times above it are made of at small N. Targets are checked on eager times.
@@ -25,7 +27,7 @@ import time
 
 import torch
 
-METHODS = ("sdpa", "sb-lsh", "sb-local", "flex-window", "sb-lsh-reference")  # measured in this order
+METHODS = ("sdpa", "sb-lsh", "sb-local", "flex-window", "sb-lsh-reference", "sb-lsh-compiled")  # in this order
 GRAPHED = ("sdpa", "sb-lsh", "sb-local")
 
 
@@ -43,6 +45,8 @@ def build_methods(args, device):
         "sb-local": sb_local,
         "sb-lsh-reference": sb_ref,
     }
+    if args.compiled:  # the whole call compiled (inductor) and replayed from CUDA graphs
+        methods["sb-lsh-compiled"] = torch.compile(sb_lsh, mode="reduce-overhead")
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -231,6 +235,11 @@ def targets(rows):
             got = speedup(n, "sb-lsh", mode)
             if got is not None:
                 out.append((f"N={n} {mode}: SB-LSH faster than SDPA", f"{got:.2f}x", got > 1))
+    for n in (1024, 4096, 16384, 65536):
+        for mode in ("fwd", "fwd+bwd"):
+            got = speedup(n, "sb-lsh-compiled", mode)
+            if got is not None:
+                out.append((f"N={n} {mode}: SB-LSH under torch.compile faster than SDPA", f"{got:.2f}x", got > 1))
     for n in sorted({r["n"] for r in rows}):
         for mode in ("fwd", "fwd+bwd"):
             base, r = lookup(rows, n, "sdpa", mode), lookup(rows, n, "sb-lsh", mode)
@@ -290,13 +299,15 @@ def main(argv=None):
                         help="seconds for the eager measurements; later rows are skipped so the table is written")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile at the largest N")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (device time) timings")
+    parser.add_argument("--compiled", action="store_true", help="also time SB-LSH under torch.compile (reduce-overhead)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to time")
     parser.add_argument("--graph-max-len", type=int, default=16384, help="largest N timed from a CUDA graph")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     import triton
 
-    rows = run(args, budget_s=args.budget)
+    rows = run(args, [name for name in METHODS if name in args.methods], budget_s=args.budget)
     stamp = datetime.date.today().isoformat()
     device_name = torch.cuda.get_device_name()
     header = (f"{stamp}, {device_name}, torch {torch.__version__}, triton {triton.__version__}; "
