@@ -11,8 +11,6 @@ them as opaque calls and traces everything around them (validation, hashing, the
 autograd Function), so a compiled model, and CUDA graphs, can hold the whole attention call.
 """
 
-from __future__ import annotations
-
 import math
 import os
 from typing import Optional
