@@ -124,9 +124,11 @@ def _(q, k, v, out, grad_out, w, kv, z, g, den, stab, q_index, k_index, q_bucket
 
 
 def _plan_tensors(plan):
+    """The plan's index tensors in the kernels' int32, converted once for forward and backward."""
     if plan is None:
         return (None, None, None, None), None
-    return (plan.q_index, plan.k_index, plan.q_bucket, plan.k_bucket), plan.band
+    tensors = (plan.q_index, plan.k_index, plan.q_bucket, plan.k_bucket)
+    return tuple(None if t is None else t.to(torch.int32).contiguous() for t in tensors), plan.band
 
 
 class ScatterbrainTritonFunction(torch.autograd.Function):
