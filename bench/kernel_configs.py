@@ -26,8 +26,12 @@ import torch
 # forward: BLOCK_K >= the bucket (128): one key chunk per tile (128 rows: a third fewer exps, 24 B spill)
 FORWARD = [None, (128, 128, 16, 8), (128, 128, 32, 8), (64, 128, 16, 4), (64, 64, 32, 4),
            (128, 64, 16, 8), (128, 32, 32, 8), (64, 32, 32, 4)]
-BACKWARD = [None, (64, 32, 16, 4), (64, 32, 32, 4), (64, 64, 16, 8), (64, 16, 16, 4), (128, 16, 16, 8),
-            (128, 32, 16, 8), (128, 64, 32, 8)]
+# backward, one kernel varied at a time (the other at its default): dq (query rows, key chunk, ...);
+# dk/dv (query chunk, keys per program, ...). Spill-free at D = 64 on triton 3.6 unless marked.
+BACKWARD_DQ = [None, (128, 64, 16, 8), (64, 64, 32, 4),
+               (128, 128, 16, 8)]  # one key chunk per bucket: spills 200 B
+BACKWARD_DKDV = [None, (32, 128, 32, 8), (32, 64, 16, 4),
+                 (64, 128, 32, 8)]  # 72 B
 # chained gradient (block_n, block_m, num_warps): spill-free and within shared memory at D = 64
 # in bench/results/kernel_resources_triton3.6.0.md
 CHAINED = [None, (64, 128, 8), (64, 256, 8), (128, 128, 8), (32, 256, 4), (32, 128, 8)]
@@ -93,16 +97,15 @@ def main(argv=None):
     print(f"# kernel launch configurations, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"N {args.seq_len}, H {args.heads}, D {args.head_dim}, bf16, m {args.features}, bucket {args.bucket}")
-    for name, configs in (("forward", FORWARD), ("backward", BACKWARD)):
+    for name, configs in (("forward", FORWARD), ("backward_dq", BACKWARD_DQ), ("backward_dkdv", BACKWARD_DKDV)):
         calls = []
         for config in configs:
-            kwargs = as_kwargs(config)
             if name == "forward":
-                def call(kwargs=kwargs):
+                def call(kwargs=as_kwargs(config)):
                     scatterbrain_fwd.sparse_lowrank_forward(q, k, v, w, state, plan, tau=tau, key_valid=None,
                                                             out_dtype=dtype, **kwargs)
             else:
-                def call(kwargs=kwargs):
+                def call(kwargs={name.replace("backward_", "") + "_launch": config}):
                     scatterbrain_bwd.sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab,
                                                              tau=tau, key_valid=None, **kwargs)
             calls.append(("default" if config is None else str(config), call))

@@ -1,9 +1,10 @@
 """Register pressure of the Scatterbrain and chained-gradient kernels per launch configuration,
 without a GPU.
 
-Each configuration of the forward and backward sparse + low-rank kernels (BLOCK_Q query rows per
+Each configuration of the forward and backward-dq sparse + low-rank kernels (BLOCK_Q query rows per
 program, out of a tile of 128 for buckets of 128; BLOCK_K keys per inner step; BLOCK_F features per
-feature step; num_warps) is compiled with Triton's real compiler for sm_90 (H100/H200) on the CPU, and the cubin's
+feature step; num_warps) and of the backward-dk/dv kernel (BLOCK_K keys per program, BLOCK_Q
+queries per inner step) is compiled with Triton's real compiler for sm_90 (H100/H200) on the CPU, and the cubin's
 registers per thread and spill stack (bytes per thread of local memory; 0 = no spills) are read with
 cuobjdump (`scatterattn.kernels.offline_compile`). Launches are recorded at N = 1024 so that the
 JIT's specialisation (divisibility by 16 of sizes and strides, which decides vectorised loads) is
@@ -33,13 +34,16 @@ import torch  # noqa: E402
 SM90_SHARED_KIB = 227
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 FWD = "sparse_lowrank_fwd_kernel"
-BWD = "sparse_lowrank_bwd_kernel"
+BWD_DQ, BWD_DKDV = "sparse_lowrank_bwd_dq_kernel", "sparse_lowrank_bwd_dkdv_kernel"
 GRAM, ROWS = "kron_gram_kernel", "kron_rows_kernel"
 RECORD_N = 1024
 FWD_GRID = {"block_q": (64, 128), "block_k": (32, 64, 128), "block_f": (16, 32), "num_warps": (4, 8)}
-BWD_GRID = {"block_q": (64, 128), "block_k": (16, 32, 64), "block_f": (16, 32), "num_warps": (4, 8)}
+DQ_GRID = {"block_q": (32, 64, 128), "block_k": (32, 64, 128), "block_f": (16, 32), "num_warps": (4, 8)}
+# dk/dv: BLOCK_K keys per program, query chunks of BLOCK_Q
+DKDV_GRID = {"block_q": (16, 32, 64), "block_k": (32, 64, 128), "block_f": (16, 32), "num_warps": (4, 8)}
 QUICK_FWD = {"block_q": (64, 128), "block_k": (64,), "block_f": (32,), "num_warps": (8,)}
-QUICK_BWD = {"block_q": (64, 128), "block_k": (32,), "block_f": (32,), "num_warps": (8,)}
+QUICK_DQ = {"block_q": (64, 128), "block_k": (64,), "block_f": (32,), "num_warps": (8,)}
+QUICK_DKDV = {"block_q": (32, 64), "block_k": (128,), "block_f": (32,), "num_warps": (8,)}
 CHAINED_GRID = {"block_n": (32, 64, 128), "block_m": (128, 256), "num_warps": (4, 8)}
 QUICK_CHAINED = {"block_n": (64,), "block_m": (128, 256), "num_warps": (8,)}
 
@@ -56,9 +60,11 @@ def measure(kernel: str, dim: int, dtype, case: str, config: dict, defaults: boo
     if kernel in (GRAM, ROWS):
         recorders = oc.record_chained(dtype, n=RECORD_N, dim=dim, **config)
     else:
-        side = "forward" if kernel == FWD else "backward"
+        launch = tuple(config[k] for k in ("block_q", "block_k", "block_f", "num_warps")) if config else None
+        extra = {FWD: {"forward": config}, BWD_DQ: {"backward": {"dq_launch": launch}},
+                 BWD_DKDV: {"backward": {"dkdv_launch": launch}}}[kernel]
         recorders = oc.record_scatterbrain(dtype, oc.SCATTERBRAIN_CASES[case], dim=dim, n=RECORD_N,
-                                           **({} if defaults else {side: config}))
+                                           **({} if defaults else extra))
     (result,) = oc.compile_all({kernel: recorders[kernel]}, usage=True)[:1]
     return {"kernel": kernel, "dim": dim, **config, "defaults": defaults, **result}
 
@@ -91,13 +97,15 @@ def format_markdown(rows, *, title_note: str) -> str:
         "split into sub-blocks of BLOCK_Q), 1 round. Chained gradient: bf16 inputs (bf16 dot operands), "
         f"N = {RECORD_N}, m = 256, E = D. Launches are specialised as the JIT specialises them. `spill` = "
         "spill stack in bytes per thread (0 = no spills); registers are capped at 255 per thread. "
-        "`(launcher default)` rows are what the launchers choose today. Shared memory above "
+        "`(launcher default)` rows are what the launchers choose today. The dk/dv kernel's BLOCK_K is its keys "
+        "per program, BLOCK_Q its query chunk. Shared memory above "
         f"{SM90_SHARED_KIB} KiB cannot launch on sm_90. `HGMMA / HMMA`: matrix instructions in the SASS, "
         "Hopper's warpgroup MMA / the older warp-level MMA (slower on Hopper; Triton emits it for dots "
         "with fewer than 64 rows per warpgroup).",
         "",
     ]
-    blocks = {FWD: ("BLOCK_Q", "BLOCK_K", "BLOCK_F"), BWD: ("BLOCK_Q", "BLOCK_K", "BLOCK_F"),
+    blocks = {FWD: ("BLOCK_Q", "BLOCK_K", "BLOCK_F"), BWD_DQ: ("BLOCK_Q", "BLOCK_K", "BLOCK_F"),
+              BWD_DKDV: ("BLOCK_Q", "BLOCK_K", "BLOCK_F"),
               GRAM: ("BLOCK_N", "BLOCK_M"), ROWS: ("BLOCK_N", "BLOCK_M")}
     for kernel, names in blocks.items():
         for dim in sorted({r["dim"] for r in rows}):
@@ -125,9 +133,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.quick:
-        rows = run([64], {FWD: QUICK_FWD, BWD: QUICK_BWD, GRAM: QUICK_CHAINED, ROWS: QUICK_CHAINED})
+        rows = run([64], {FWD: QUICK_FWD, BWD_DQ: QUICK_DQ, BWD_DKDV: QUICK_DKDV, GRAM: QUICK_CHAINED,
+                          ROWS: QUICK_CHAINED})
     else:
-        rows = run(args.dims, {FWD: FWD_GRID, BWD: BWD_GRID, GRAM: CHAINED_GRID, ROWS: CHAINED_GRID})
+        rows = run(args.dims, {FWD: FWD_GRID, BWD_DQ: DQ_GRID, BWD_DKDV: DKDV_GRID, GRAM: CHAINED_GRID,
+                               ROWS: CHAINED_GRID})
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     text = format_markdown(rows, title_note=f"{stamp}, {time.perf_counter() - start:.0f} s")
     print(text)

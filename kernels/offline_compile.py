@@ -146,7 +146,7 @@ def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backwar
 
     fwd_names = ["sparse_lowrank_fwd_kernel"] + (
         ["key_state_kernel", "combine_key_state_kernel"] if settings["num_features"] else [])
-    bwd_names = ["row_delta_kernel", "sparse_lowrank_bwd_kernel"] + (
+    bwd_names = ["row_delta_kernel", "sparse_lowrank_bwd_dq_kernel", "sparse_lowrank_bwd_dkdv_kernel"] + (
         ["query_state_kernel", "key_lowrank_bwd_kernel"] if settings["num_features"] else [])
     fwd_rec, bwd_rec = record(scatterbrain_fwd, fwd_names), record(scatterbrain_bwd, bwd_names)
     try:

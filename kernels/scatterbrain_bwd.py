@@ -17,10 +17,15 @@ Kernels:
     loads it);
   * query_state_kernel: QG and qd (split over queries, partial sums added on the host);
   * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv);
-  * sparse_lowrank_bwd_kernel: per tile of a round, dq (the round-0 low-rank term and the support
-    terms; a query is in one tile per round, so earlier rounds add into an fp32 sum and the last
-    writes dq in the input dtype) and the support terms of dk and dv (atomic adds in fp32: a key
-    can sit in several tiles and serves every head of its group).
+  * per tile of a round, two kernels (as flash attention's backward, so that neither carries the
+    other side's accumulators through its feature loop):
+    - sparse_lowrank_bwd_dq_kernel: BLOCK_Q query rows over the tile's keys in chunks: dq's support
+      terms and, in round 0, its low-rank term (in the last key chunk's feature loop). A query is in
+      one tile per round, so earlier rounds add into an fp32 sum and the last writes dq in the input
+      dtype;
+    - sparse_lowrank_bwd_dkdv_kernel: BLOCK_K keys over the tile's queries in chunks, with the
+      (keys, queries) tiles held transposed: the support terms of dk and dv, added in fp32 per query
+      chunk (atomics: a key can sit in several tiles and serves every head of its group).
 Everything is recomputed from q, k, v, W and the saved (den, r); nothing of size N x m is stored,
 and no fp32 copy of dO or of dq (with one round) is made.
 """
@@ -162,9 +167,9 @@ def key_lowrank_bwd_kernel(
 
 
 @triton.jit
-def sparse_lowrank_bwd_kernel(
+def sparse_lowrank_bwd_dq_kernel(
     Q, K, V, W, KV, Z, G, GRAD_OUT, INV_DEN, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, Q_BUCKET, K_BUCKET,
-    DQ, DQ_OUT, DK, DV_OUT,
+    DQ, DQ_OUT,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -177,15 +182,16 @@ def sparse_lowrank_bwd_kernel(
     stride_kbb, stride_kbh, stride_kbr,
     stride_valid_b,
     stride_dqb, stride_dqh, stride_dqn,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
     H, GROUP, N, S, M, D, DV, TQ, TK, ROUND, BAND, tau, sqrt_tau, inv_m,
-    HAS_FEATURES: tl.constexpr, ADD_LOW_RANK: tl.constexpr, READ_DQ: tl.constexpr, LAST_ROUND: tl.constexpr,
-    HAS_VALID: tl.constexpr,
+    HAS_FEATURES: tl.constexpr, ADD_LOW_RANK: tl.constexpr, LOW_RANK_IN_CHUNK: tl.constexpr,
+    READ_DQ: tl.constexpr, LAST_ROUND: tl.constexpr, HAS_VALID: tl.constexpr,
     HAS_BAND: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """dq of BLOCK_Q rows of a tile: the support terms over the tile's keys in chunks of BLOCK_K
+    and, in round 0, the low-rank term (in the last key chunk's feature loop when the tile has keys,
+    LOW_RANK_IN_CHUNK, so that phi(q) is exponentiated once per chunk and not once more)."""
     pid_t, q0 = tile_and_first_row(TQ, BLOCK_Q)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -212,7 +218,7 @@ def sparse_lowrank_bwd_kernel(
 
     dq = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
     uq_sum = tl.zeros((BLOCK_Q,), tl.float32)
-    if ADD_LOW_RANK:
+    if ADD_LOW_RANK and not LOW_RANK_IN_CHUNK:
         for f0 in range(0, M, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             f_ok = offs_f < M
@@ -239,18 +245,12 @@ def sparse_lowrank_bwd_kernel(
             K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
             HAS_BAND, DEDUP)
         s = tl.where(pair, tl.dot(q, tl.trans(k), input_precision=PREC) * tau, NEG)
-        exact = tl.where(pair, tl.exp(s - row[:, None]), 0.0)
         d_attn = tl.where(pair, tl.dot(grad_in, tl.trans(v), input_precision=PREC) - delta[:, None], 0.0)
-        # Accumulators are updated in place by the dots (acc forms) so that few tiles stay live
-        # through the feature loop: dk starts as the exact part, corr as exp(s - r) on the support.
-        ds = (exact * d_attn * tau).to(q.dtype)
-        dq = tl.dot(ds, k, dq, input_precision=PREC)
-        dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
-        corr = exact
+        ds = tl.where(pair, tl.exp(s - row[:, None]), 0.0) * d_attn * tau
+        dq = tl.dot(ds.to(q.dtype), k, dq, input_precision=PREC)
         if HAS_FEATURES:
             kf = k.to(tl.float32)
             k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
-            uk_sum = tl.zeros((BLOCK_K,), tl.float32)
             d_attn_in = d_attn.to(q.dtype)
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F)
@@ -258,25 +258,20 @@ def sparse_lowrank_bwd_kernel(
                 g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-                p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0).to(q.dtype)
+                p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
                 kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0).to(q.dtype)
+                x = -tl.dot(d_attn_in, kt, input_precision=PREC)  # - sum_j dA_ij Kt_jf
+                if LOW_RANK_IN_CHUNK:
+                    if k0 + BLOCK_K >= TK:  # once, in the last chunk: + G_i . KV_f - delta_i z_f
+                        kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                                     mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                        z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0)
+                        x = tl.dot(grad, tl.trans(kv), x, input_precision=FP32_PREC) - delta[:, None] * z[None, :]
+                u = p * x
                 w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                             mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                corr = tl.dot(-p, tl.trans(kt), corr, input_precision=PREC)  # minus the low-rank term
-                uq = -p.to(tl.float32) * tl.dot(d_attn_in, kt, input_precision=PREC)
-                uk = -kt.to(tl.float32) * tl.dot(tl.trans(d_attn_in), p, input_precision=PREC)
-                dq = tl.dot((uq * sqrt_tau).to(w.dtype), w, dq, input_precision=PREC)
-                uq_sum += tl.sum(uq, 1)
-                dk = tl.dot((uk * sqrt_tau).to(w.dtype), w, dk, input_precision=PREC)
-                uk_sum += tl.sum(uk, 1)
-            corr = tl.where(pair, corr, 0.0)
-            dk -= k.to(tl.float32) * (uk_sum * tau)[:, None]
-        dv = tl.dot(tl.trans(corr.to(q.dtype)), grad_in, input_precision=PREC)
-        k_rows = kj[:, None].to(tl.int64)
-        tl.atomic_add(DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + k_rows * stride_dkn
-                      + offs_d[None, :], dk, mask=k_ok[:, None] & (offs_d[None, :] < D))
-        tl.atomic_add(DV_OUT + b64 * stride_dvb + hkv.to(tl.int64) * stride_dvh + k_rows * stride_dvn
-                      + offs_dv[None, :], dv, mask=k_ok[:, None] & (offs_dv[None, :] < DV))
+                dq = tl.dot((u * sqrt_tau).to(w.dtype), w, dq, input_precision=PREC)
+                uq_sum += tl.sum(u, 1)
 
     dq = dq - qf * (uq_sum * tau)[:, None]
     dq_off = b64 * stride_dqb + h.to(tl.int64) * stride_dqh + qi[:, None].to(tl.int64) * stride_dqn + offs_d[None, :]
@@ -289,16 +284,115 @@ def sparse_lowrank_bwd_kernel(
         tl.store(DQ + dq_off, dq, mask=dq_mask)
 
 
+@triton.jit
+def sparse_lowrank_bwd_dkdv_kernel(
+    Q, K, V, W, G, GRAD_OUT, INV_DEN, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, Q_BUCKET, K_BUCKET,
+    DK, DV_OUT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_sb, stride_sh,
+    stride_wm,
+    stride_qib, stride_qih, stride_qit,
+    stride_kib, stride_kih, stride_kit,
+    stride_qbb, stride_qbh, stride_qbr,
+    stride_kbb, stride_kbh, stride_kbr,
+    stride_valid_b,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, GROUP, N, S, M, D, DV, TQ, TK, ROUND, BAND, tau, sqrt_tau, inv_m,
+    HAS_FEATURES: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_BAND: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The support terms of dk and dv for BLOCK_K keys of a tile, over the tile's queries in chunks
+    of BLOCK_Q, added in fp32 (atomics: a key can sit in several tiles and serves every head of its
+    group)."""
+    pid_t, k0 = tile_and_first_row(TK, BLOCK_K)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // GROUP
+    b64 = b.to(tl.int64)
+    state = (b * (H // GROUP) + hkv).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kj, k_ok, k, v = load_key_chunk(
+        K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
+        KEY_VALID + b * stride_valid_b, K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh,
+        V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh, stride_kn, stride_vn, D, DV,
+        HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
+    kf = k.to(tl.float32)
+    k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
+
+    dk_ptr = DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + kj[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
+    dv_ptr = (DV_OUT + b64 * stride_dvb + hkv.to(tl.int64) * stride_dvh + kj[:, None].to(tl.int64) * stride_dvn
+              + offs_dv[None, :])
+    # dk is carried over the query chunks; dv is added per chunk (carrying it too would keep a
+    # third fp32 tile live through the feature loop, beside dk and the correction: spills). The
+    # (keys, queries) tiles are held transposed, keys as rows, so that every dot takes them as its
+    # left operand without a transpose (as flash attention's dk/dv kernel).
+    dk = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
+    uk_sum = tl.zeros((BLOCK_K,), tl.float32)
+    for q0 in range(0, TQ, BLOCK_Q):
+        qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0,
+                                      TQ - q0, N, q_base, stride_qn, D, BLOCK_Q, BLOCK_D)
+        row = tl.load(STAB + stat_base + qi, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + stat_base + qi, mask=q_ok, other=0.0)
+        inv_den = tl.load(INV_DEN + stat_base + qi, mask=q_ok, other=0.0)
+        grad = tl.load(GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh
+                       + qi[:, None].to(tl.int64) * stride_gn + offs_dv[None, :],
+                       mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        grad_in = (grad.to(tl.float32) * inv_den[:, None]).to(q.dtype)  # G = dO / den
+        pair_t = tl.trans(support_mask(
+            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h * stride_qbh,
+            K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
+            HAS_BAND, DEDUP))
+        s_t = tl.where(pair_t, tl.dot(k, tl.trans(q), input_precision=PREC) * tau, NEG)
+        exact_t = tl.where(pair_t, tl.exp(s_t - row[None, :]), 0.0)
+        d_attn_t = tl.where(pair_t, tl.dot(v, tl.trans(grad_in), input_precision=PREC) - delta[None, :], 0.0)
+        dk = tl.dot((exact_t * d_attn_t * tau).to(q.dtype), q, dk, input_precision=PREC)
+        corr_t = exact_t  # C^T = exp(s - r) - Kt . P on the support, the low-rank part subtracted in place
+        if HAS_FEATURES:
+            qf = q.to(tl.float32)
+            q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
+            d_attn_t = d_attn_t.to(q.dtype)
+            for f0 in range(0, M, BLOCK_F):
+                offs_f = f0 + tl.arange(0, BLOCK_F)
+                f_ok = offs_f < M
+                g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+                lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+                lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+                p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0).to(q.dtype)
+                kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
+                corr_t = tl.dot((-kt).to(q.dtype), tl.trans(p), corr_t, input_precision=PREC)
+                u = -kt * tl.dot(d_attn_t, p, input_precision=PREC)  # - Kt_jf sum_i dA_ij P_if
+                w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
+                            mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                dk = tl.dot((u * sqrt_tau).to(w.dtype), w, dk, input_precision=PREC)
+                uk_sum += tl.sum(u, 1)
+            if HAS_BAND or DEDUP:  # else p and kt vanish outside the support already
+                corr_t = tl.where(pair_t, corr_t, 0.0)
+        dv = tl.dot(corr_t.to(q.dtype), grad_in, input_precision=PREC)
+        tl.atomic_add(dv_ptr, dv, mask=k_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+    dk -= kf * (uk_sum * tau)[:, None]
+    tl.atomic_add(dk_ptr, dk, mask=k_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
 def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *, tau, key_valid,
-                            block_q=None, block_k=None, block_f=None, block_s=None, rows_per_split=1024,
-                            num_warps=None):
+                            dq_launch=None, dkdv_launch=None, block_s=None, rows_per_split=1024):
     """(dq, dk, dv) in the input dtypes for the forward `sparse_lowrank_forward` computed.
 
     out, den, stab: the forward's outputs; state = (KV, z, g) of `key_state` or None.
-    block_q, block_k, block_f, num_warps: the sparse kernel's launch (None: `launch_config`).
+    dq_launch, dkdv_launch: (BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the two sparse kernels, any
+    entry None for `launch_config`'s ('backward_dq', 'backward_dkdv').
     """
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k, v_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -360,34 +454,49 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     # an fp32 accumulator carries the earlier rounds (none with one round)
     dq = torch.empty(batch, heads, n_q, dim, device=device, dtype=q.dtype)
     dq_acc = dq if tiles.n_rounds == 1 else torch.empty(batch, heads, n_q, dim, device=device, dtype=torch.float32)
-    default = launch_config("backward", tiles.tq, tiles.tk, dim, v_dim, prec)
-    block_q, block_k, block_f, num_warps = (
-        given or fallback for given, fallback in zip((block_q, block_k, block_f, num_warps), default))
+    dq_launch = tuple(given or fallback for given, fallback in zip(
+        dq_launch or (None,) * 4, launch_config("backward_dq", tiles.tq, tiles.tk, dim, v_dim, prec)))
+    dkdv_launch = tuple(given or fallback for given, fallback in zip(
+        dkdv_launch or (None,) * 4, launch_config("backward_dkdv", tiles.tq, tiles.tk, dim, v_dim, prec)))
+    common_strides = lambda qi, kj: (  # noqa: E731
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        stab.stride(0), stab.stride(1),
+        w_arg.stride(0),
+        qi.stride(0), qi.stride(1), qi.stride(2),
+        kj.stride(0), kj.stride(1), kj.stride(2),
+        tiles.q_bucket.stride(0), tiles.q_bucket.stride(1), tiles.q_bucket.stride(2),
+        tiles.k_bucket.stride(0), tiles.k_bucket.stride(1), tiles.k_bucket.stride(2),
+        valid_stride)
+    sizes = lambda r: (heads, group, n_q, n_k, m, dim, v_dim, tiles.tq, tiles.tk, r, tiles.band,  # noqa: E731
+                       tau, sqrt_tau, inv_m)
     for r in range(tiles.n_rounds):
         qi, kj = tiles.q_index[:, :, r], tiles.k_index[:, :, r]
-        sparse_lowrank_bwd_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, block_q), batch * heads)](
+        flags = dict(HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
+                     PREC=prec, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim))
+        bq, bk, bf, warps = dq_launch
+        sparse_lowrank_bwd_dq_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, bq), batch * heads)](
             q, k, v, w_arg, kv, z, g, grad, inv_den, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
-            dq_acc, dq, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad.stride(0), grad.stride(1), grad.stride(2),
-            stab.stride(0), stab.stride(1),
-            w_arg.stride(0),
-            qi.stride(0), qi.stride(1), qi.stride(2),
-            kj.stride(0), kj.stride(1), kj.stride(2),
-            tiles.q_bucket.stride(0), tiles.q_bucket.stride(1), tiles.q_bucket.stride(2),
-            tiles.k_bucket.stride(0), tiles.k_bucket.stride(1), tiles.k_bucket.stride(2),
-            valid_stride,
+            dq_acc, dq, *common_strides(qi, kj),
             dq.stride(0), dq.stride(1), dq.stride(2),
+            *sizes(r),
+            HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
+            LOW_RANK_IN_CHUNK=has_features and r == 0 and tiles.tk > 0,
+            READ_DQ=r > 0, LAST_ROUND=r == tiles.n_rounds - 1, FP32_PREC=fp32_prec,
+            BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
+        )
+        if tiles.tk == 0:
+            continue
+        bq, bk, bf, warps = dkdv_launch
+        sparse_lowrank_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * heads)](
+            q, k, v, w_arg, g, grad, inv_den, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
+            dk, dv, *common_strides(qi, kj),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            heads, group, n_q, n_k, m, dim, v_dim, tiles.tq, tiles.tk, r, tiles.band, tau, sqrt_tau, inv_m,
-            HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
-            READ_DQ=r > 0, LAST_ROUND=r == tiles.n_rounds - 1,
-            HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
-            PREC=prec, FP32_PREC=fp32_prec,
-            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
-            num_warps=num_warps,
+            *sizes(r),
+            HAS_FEATURES=has_features,
+            BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)

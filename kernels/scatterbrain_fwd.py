@@ -252,9 +252,11 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
                   prec: str = "tf32") -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the sparse + low-rank kernels, kind 'forward' or
-    'backward', for query tiles of tq rows and key lists of tk keys; prec is the dots' precision
-    (`precisions`): 'ieee' (fp32 inputs without TF32) has no tensor cores and takes small tiles.
+    """(BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the sparse + low-rank kernels, kind 'forward',
+    'backward_dq' or 'backward_dkdv', for query tiles of tq rows and key lists of tk keys; prec is
+    the dots' precision (`precisions`): 'ieee' (fp32 inputs without TF32) has no tensor cores and
+    takes small tiles. For 'backward_dkdv', BLOCK_K is the keys per program and BLOCK_Q the query
+    chunk of its inner loop.
 
     Chosen without a GPU, from the registers and spill stack of every configuration compiled for
     sm_90 with the JIT's argument specialisation (bench/kernel_resources.py,
@@ -262,25 +264,41 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     Forward: key chunks of 64, features in blocks of 32 (16 beyond head dim 64), no spills at D = 64
     or 128; for buckets of 128 that is 896 exps and 128k multiply-adds per query, the same as one
     chunk of 128 keys with 64 query rows (a whole bucket with 128 rows would save a third of the
-    exps but spills 24 B on triton 3.6). Backward: key chunks of 16; no spills at D = 64,
-    104 B/thread at D = 128 (the least of all 24 tried). To be confirmed on a GPU with
+    exps but spills 24 B on triton 3.6).
+    Backward, D <= 64: dq over key chunks of 64 (128 rows, 32 features); dk/dv for a whole bucket
+    of 128 keys over query chunks of 64 (16 features). Both spill-free on triton 3.6 (dk/dv: 24 B on
+    3.9), all their dots warpgroup MMAs; 328k multiply-adds and 1.8k exps per query for buckets of
+    128 and 256 features. Larger blocks spill (dq with one 128-key chunk: 200-300 B; dk/dv with one
+    128-query chunk: 440 B). Beyond D = 64: dq 32 x 64 (88 B, the least of those tried), dk/dv 32
+    keys over 64-query chunks (none, but mostly warp-level MMAs). To be confirmed on a GPU with
     bench/kernel_configs.py.
     IEEE fp32 dots (FMA, no tensor cores) spill at every size tried; the least: 32 x 32 tiles
-    forward (536 B at D = 64, against 9 KB with the bf16 default), 64 x 16 with 8 warps backward
-    (16 B).
+    forward (536 B at D = 64, against 9 KB with the bf16 default), dq 64 x 16 with 8 warps (16 B),
+    dk/dv 16 keys x 32 queries (32 B).
     """
     wide = max(dim, v_dim) > 64
     block_q = min(_pow2(tq), 128)
     if prec == "ieee":
         if kind == "forward":
             return min(block_q, 32), min(_pow2(tk), 32), 16, 4
-        return min(block_q, 64), 16, 16, 8 if block_q >= 64 else 4
+        if kind == "backward_dq":
+            return min(block_q, 64), 16, 16, 8 if block_q >= 64 else 4
+        return min(block_q, 32), 16, 16, 4
     if kind == "forward":
         block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32
         warps = 8 if block_q * block_k >= 64 * 64 else 4
-    else:
-        block_k, block_f = 16, 16
-        warps = 8 if block_q >= 64 else 4
+    elif kind == "backward_dq":
+        if wide:
+            block_q, block_k, block_f = min(block_q, 32), min(_pow2(tk), 64), 16
+        else:
+            block_k, block_f = min(_pow2(tk), 64), 32
+        warps = 8 if block_q >= 128 else 4  # 64 rows on 8 warps spill (local windows: 24 B)
+    else:  # backward_dkdv: BLOCK_K keys of a tile per program, its queries in chunks of BLOCK_Q
+        if wide:
+            block_q, block_k, block_f = min(block_q, 64), min(_pow2(tk), 32), 16
+        else:
+            block_q, block_k, block_f = min(block_q, 64), min(_pow2(tk), 128), 16
+        warps = 8 if block_q * block_k >= 32 * 64 else 4
     return block_q, block_k, block_f, warps
 
 

@@ -139,7 +139,8 @@ def test_decoding_shapes_few_queries_many_keys():
 @pytest.mark.parametrize("name", ["lsh-2-rounds", "local"])
 def test_query_sub_blocks_and_small_key_blocks(monkeypatch, name):
     """Launch parameters change the schedule, never the result: query tiles split into sub-blocks of
-    16 rows (the last one partial), key chunks of 16, 4 warps, features in blocks of 16."""
+    16 rows (the last one partial), key chunks of 16, 4 warps, features in blocks of 16; the dk/dv
+    kernel takes 16 keys per program over query chunks of 16 (several per tile)."""
     import functools
 
     from scatterattn.kernels import scatterbrain_bwd, scatterbrain_fwd
@@ -148,7 +149,8 @@ def test_query_sub_blocks_and_small_key_blocks(monkeypatch, name):
     monkeypatch.setattr(scatterbrain_fwd, "sparse_lowrank_forward",
                         functools.partial(scatterbrain_fwd.sparse_lowrank_forward, **small))
     monkeypatch.setattr(scatterbrain_bwd, "sparse_lowrank_backward",
-                        functools.partial(scatterbrain_bwd.sparse_lowrank_backward, **small))
+                        functools.partial(scatterbrain_bwd.sparse_lowrank_backward,
+                                          dq_launch=tuple(small.values()), dkdv_launch=tuple(small.values())))
     settings = dict(SETTINGS[name], bucket_size=32, window=40, num_features=24)
     check(torch.float32, 2, 4, 2, 70, 61, 16, settings, padded=True)
 
@@ -285,7 +287,8 @@ def test_fp32_dots_follow_torch_tf32_setting():
         assert fwd.precisions(torch.float32) == ("ieee", "ieee")
         assert fwd.precisions(torch.bfloat16) == ("tf32", "tf32")
         assert fwd.launch_config("forward", 128, 128, 64, 64, "ieee") == (32, 32, 16, 4)
-        assert fwd.launch_config("backward", 128, 128, 64, 64, "ieee") == (64, 16, 16, 8)
+        assert fwd.launch_config("backward_dq", 128, 128, 64, 64, "ieee") == (64, 16, 16, 8)
+        assert fwd.launch_config("backward_dkdv", 128, 128, 64, 64, "ieee") == (32, 16, 16, 4)
         matmul.allow_tf32 = True
         assert fwd.precisions(torch.float32) == ("tf32", "tf32")
         got, want = run_both(torch.float32, 1, 2, 1, 70, 61, 16, SETTINGS["lsh-2-rounds"], padded=True)

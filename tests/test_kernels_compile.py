@@ -54,7 +54,7 @@ def test_kernels_compile_for_sm90(case, dtype_name):
     if case in ("chained", "lsh-hash"):
         expected = {"chained": 2, "lsh-hash": 1}[case]
     else:
-        expected = 3 if SCATTERBRAIN_CASES[case]["num_features"] == 0 else 7
+        expected = 4 if SCATTERBRAIN_CASES[case]["num_features"] == 0 else 8
     assert len(kernels) == expected, report
     for launch in report:  # (the key-state merge has no dot or reduction: no shared memory)
         assert 0 <= launch["shared"] <= SM90_SHARED_LIMIT, launch
@@ -63,7 +63,7 @@ def test_kernels_compile_for_sm90(case, dtype_name):
 
 def test_resource_readout_and_warpgroup_mma():
     """The cubin readout that bench/kernel_resources.py reports (registers, spill stack, SASS matrix
-    instructions), on the bf16 LSH launches: the Scatterbrain forward's dots must compile to Hopper's
+    instructions), on the bf16 LSH launches: the Scatterbrain forward's and backward's dots must compile to Hopper's
     warpgroup MMA (HGMMA), not only to the older warp-level HMMA."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     code = ("import json, torch; from scatterattn.kernels import offline_compile as oc; "
@@ -74,6 +74,7 @@ def test_resource_readout_and_warpgroup_mma():
     report = {r["kernel"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
     for r in report.values():
         assert 0 < r["registers"] <= 255 and r["spill_stack"] >= 0 and r["local"] >= 0, r
-    assert report["sparse_lowrank_fwd_kernel"]["hgmma"] > 0, report["sparse_lowrank_fwd_kernel"]
+    for name in ("sparse_lowrank_fwd_kernel", "sparse_lowrank_bwd_dq_kernel", "sparse_lowrank_bwd_dkdv_kernel"):
+        assert report[name]["hgmma"] > 0, report[name]
     assert report["key_state_kernel"]["hgmma"] > 0 and report["key_state_kernel"]["hmma"] == 0
     assert report["row_delta_kernel"]["hgmma"] == report["row_delta_kernel"]["hmma"] == 0  # no dot there
