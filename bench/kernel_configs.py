@@ -9,7 +9,8 @@ kernels are not affected), and prints the fastest per kernel:
     python bench/kernel_configs.py --seq-len 65536 --head-dim 128
 
 Times are medians of triton.testing.do_bench (ms) of the whole launcher call (`sparse_lowrank_forward`,
-`sparse_lowrank_backward`: its state kernels too, which no configuration changes), on one LSH plan;
+`sparse_lowrank_backward`: its state kernels too, which no configuration changes), on one LSH plan
+(full-tile kernels at head dims <= 64; beyond, the same candidates go to the per-pair kernels);
 then the chained gradient's `kron_gram` and `kron_rows` (bf16 operands, m 256, E = D, same N and H).
 Needs CUDA.
 """
@@ -22,16 +23,17 @@ import math
 
 import torch
 
-# (block_q, block_k, block_f, num_warps); None = the launcher's default
-# forward: BLOCK_K >= the bucket (128): one key chunk per tile (128 rows: a third fewer exps, 24 B spill)
-FORWARD = [None, (128, 128, 16, 8), (128, 128, 32, 8), (64, 128, 16, 4), (64, 64, 32, 4),
-           (128, 64, 16, 8), (128, 32, 32, 8), (64, 32, 32, 4)]
-# backward, one kernel varied at a time (the other at its default): dq (query rows, key chunk, ...);
-# dk/dv (query chunk, keys per program, ...). Spill-free at D = 64 on triton 3.6 unless marked.
-BACKWARD_DQ = [None, (128, 64, 16, 8), (64, 64, 32, 4),
-               (128, 128, 16, 8)]  # one key chunk per bucket: spills 200 B
-BACKWARD_DKDV = [None, (32, 128, 32, 8), (32, 64, 16, 4),
-                 (64, 128, 32, 8)]  # 72 B
+# (block_q, block_k, block_f, num_warps); None = the launcher's default. The benchmark's plan (one
+# LSH round, D <= 64) runs the full-tile kernels (`KernelTiles.full_tiles`); these are their
+# candidates, spill-free at D = 64 on triton 3.6 (bench/results/kernel_resources_triton3.6.0.md).
+# Their work does not depend on the key chunk (dk/dv: the query chunk), only on the rows (keys) per
+# program; larger chunks mean fewer, larger dots.
+FORWARD = [None, (128, 128, 32, 8), (128, 64, 64, 8),  # 64 features: every dot a warpgroup MMA
+           (128, 64, 16, 8), (64, 64, 32, 8)]
+# backward, one kernel varied at a time (the other at its default): dq (rows, key chunk, ...);
+# dk/dv (query chunk, keys per program, ...)
+BACKWARD_DQ = [None, (128, 64, 16, 8), (64, 128, 32, 8), (64, 64, 32, 4)]
+BACKWARD_DKDV = [None, (16, 128, 32, 8), (32, 64, 32, 8), (64, 64, 32, 8)]
 # chained gradient (block_n, block_m, num_warps): spill-free and within shared memory at D = 64
 # in bench/results/kernel_resources_triton3.6.0.md
 CHAINED = [None, (64, 128, 8), (64, 256, 8), (128, 128, 8), (32, 256, 4), (32, 128, 8)]

@@ -137,17 +137,16 @@ SCATTERBRAIN_CASES = {
 def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backward=None):
     """Run the Scatterbrain launchers (key state, forward, backward) on a small input of `settings`
     with every kernel recorded; forward / backward: extra keyword arguments of the launchers
-    (block sizes, num_warps). Returns the recorders of both modules."""
+    (block sizes, num_warps). Returns the recorders of the kernels the launchers launched."""
     import math
 
     from scatterattn import functional
 
     from . import scatterbrain_bwd, scatterbrain_fwd
 
-    fwd_names = ["sparse_lowrank_fwd_kernel"] + (
-        ["key_state_kernel", "combine_key_state_kernel"] if settings["num_features"] else [])
-    bwd_names = ["row_delta_kernel", "sparse_lowrank_bwd_dq_kernel", "sparse_lowrank_bwd_dkdv_kernel"] + (
-        ["query_state_kernel", "key_lowrank_bwd_kernel"] if settings["num_features"] else [])
+    fwd_names = ["sparse_lowrank_fwd_kernel", "full_tile_fwd_kernel", "key_state_kernel", "combine_key_state_kernel"]
+    bwd_names = ["row_delta_kernel", "sparse_lowrank_bwd_dq_kernel", "sparse_lowrank_bwd_dkdv_kernel",
+                 "full_tile_bwd_dq_kernel", "full_tile_bwd_dkdv_kernel", "query_state_kernel", "key_lowrank_bwd_kernel"]
     fwd_rec, bwd_rec = record(scatterbrain_fwd, fwd_names), record(scatterbrain_bwd, bwd_names)
     try:
         gen = torch.Generator().manual_seed(0)
@@ -172,7 +171,7 @@ def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backwar
     finally:
         restore(scatterbrain_fwd, fwd_rec)
         restore(scatterbrain_bwd, bwd_rec)
-    return {**fwd_rec, **bwd_rec}
+    return {name: rec for name, rec in {**fwd_rec, **bwd_rec}.items() if rec.launches}
 
 
 def record_chained(dtype, *, n=1024, dim=64, num_features=256, tf32=False, **config):

@@ -26,6 +26,13 @@ Kernels:
     - sparse_lowrank_bwd_dkdv_kernel: BLOCK_K keys over the tile's queries in chunks, with the
       (keys, queries) tiles held transposed: the support terms of dk and dv, added in fp32 per query
       chunk (atomics: a key can sit in several tiles and serves every head of its group).
+  * full_tile_bwd_dq_kernel and full_tile_bwd_dkdv_kernel in place of those two when every real pair
+    of a tile is in the support (one LSH round, `KernelTiles.full_tiles`): the pair sums over the
+    tile factorise through its key state VKt_f = sum_j Kt_jf v_j, kt_sum_f (for dq) and its query
+    state PG_f = sum_i P_if G_i, Pd_f = sum_i P_if delta_i (for dk, dv):
+      u_if = P_if (G_i . (KV_f - VKt_f) - delta_i (z_f - kt_sum_f)),
+      dv_j = sum_i E_ij G_i - Kt_j . PG (+ the global low-rank term),  u_jf = -Kt_jf (v_j . PG_f - Pd_f),
+    so no (queries x keys) x features product is formed.
 Everything is recomputed from q, k, v, W and the saved (den, r); nothing of size N x m is stored,
 and no fp32 copy of dO or of dq (with one round) is made.
 """
@@ -37,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row,
+    NEG, feature_logits, load_backward_rows, load_key_chunk, support_mask, tile_and_first_row, tile_key_state,
+    tile_query_state,
 )
 
 from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions, state_blocks
@@ -201,18 +209,14 @@ def sparse_lowrank_bwd_dq_kernel(
     state = (b * (H // GROUP) + hkv).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
-                                  Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, D,
-                                  BLOCK_Q, BLOCK_D)
+    stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
+    qi, q_ok, q, row, delta, grad = load_backward_rows(
+        Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
+        Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn,
+        GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
+        STAB + stat_base, DELTA + stat_base, INV_DEN + stat_base, D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
     qf = q.to(tl.float32)
     q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
-    stat = b64 * stride_sb + h.to(tl.int64) * stride_sh + qi
-    row = tl.load(STAB + stat, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
-    inv_den = tl.load(INV_DEN + stat, mask=q_ok, other=0.0)
-    grad = tl.load(GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh + qi[:, None].to(tl.int64) * stride_gn
-                   + offs_dv[None, :], mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    grad = grad.to(tl.float32) * inv_den[:, None]  # G = dO / den
     k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
 
@@ -327,6 +331,7 @@ def sparse_lowrank_bwd_dkdv_kernel(
     kf = k.to(tl.float32)
     k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    grad_base = GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh
     stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
 
     dk_ptr = DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + kj[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
@@ -339,15 +344,11 @@ def sparse_lowrank_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     uk_sum = tl.zeros((BLOCK_K,), tl.float32)
     for q0 in range(0, TQ, BLOCK_Q):
-        qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0,
-                                      TQ - q0, N, q_base, stride_qn, D, BLOCK_Q, BLOCK_D)
-        row = tl.load(STAB + stat_base + qi, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + stat_base + qi, mask=q_ok, other=0.0)
-        inv_den = tl.load(INV_DEN + stat_base + qi, mask=q_ok, other=0.0)
-        grad = tl.load(GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh
-                       + qi[:, None].to(tl.int64) * stride_gn + offs_dv[None, :],
-                       mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        grad_in = (grad.to(tl.float32) * inv_den[:, None]).to(q.dtype)  # G = dO / den
+        qi, q_ok, q, row, delta, grad = load_backward_rows(
+            Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N, q_base, stride_qn,
+            grad_base, stride_gn, STAB + stat_base, DELTA + stat_base, INV_DEN + stat_base,
+            D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
+        grad_in = grad.to(q.dtype)
         pair_t = tl.trans(support_mask(
             qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h * stride_qbh,
             K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
@@ -381,6 +382,170 @@ def sparse_lowrank_bwd_dkdv_kernel(
         tl.atomic_add(dv_ptr, dv, mask=k_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
     dk -= kf * (uk_sum * tau)[:, None]
     tl.atomic_add(dk_ptr, dk, mask=k_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+
+
+@triton.jit
+def full_tile_bwd_dq_kernel(
+    Q, K, V, W, KV, Z, G, GRAD_OUT, INV_DEN, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, DQ_OUT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_sb, stride_sh,
+    stride_wm,
+    stride_qib, stride_qih, stride_qit,
+    stride_kib, stride_kih, stride_kit,
+    stride_valid_b,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, GROUP, N, S, M, D, DV, TQ, TK, tau, sqrt_tau, inv_m,
+    HAS_VALID: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dq of BLOCK_Q rows of a tile when every pair of the tile is in the support (one round; see
+    full_tile_fwd_kernel): sum_j dA_ij Kt_jf = G_i . VKt_f - delta_i kt_sum_f over the tile's keys,
+    so u_if = P_if (G_i . (KV_f - VKt_f) - delta_i (z_f - kt_sum_f)): the exact part over the key
+    chunks, then the low-rank part feature block by feature block, with no (queries x keys) x
+    features product."""
+    pid_t, q0 = tile_and_first_row(TQ, BLOCK_Q)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // GROUP
+    b64 = b.to(tl.int64)
+    state = (b * (H // GROUP) + hkv).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
+    qi, q_ok, q, row, delta, grad = load_backward_rows(
+        Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
+        Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn,
+        GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
+        STAB + stat_base, DELTA + stat_base, INV_DEN + stat_base, D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
+    qf = q.to(tl.float32)
+    q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
+    grad_in = grad.to(q.dtype)
+    k_list = K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit
+    valid_row = KEY_VALID + b * stride_valid_b
+    k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+
+    dq = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    for k0 in range(0, TK, BLOCK_K):
+        kj, k_ok, k, v = load_key_chunk(k_list, k0, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn,
+                                        D, DV, HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
+        pair = q_ok[:, None] & k_ok[None, :]
+        s = tl.where(pair, tl.dot(q, tl.trans(k), input_precision=PREC) * tau, NEG)
+        d_attn = tl.dot(grad_in, tl.trans(v), input_precision=PREC) - delta[:, None]
+        ds = tl.where(pair, tl.exp(s - row[:, None]) * d_attn, 0.0) * tau
+        dq = tl.dot(ds.to(q.dtype), k, dq, input_precision=PREC)
+
+    uq_sum = tl.zeros((BLOCK_Q,), tl.float32)
+    for f0 in range(0, M, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = offs_f < M
+        vkt, kt_sum = tile_key_state(k_list, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn, W, G + state * M,
+                                     f0, M, D, DV, stride_wm, tau, sqrt_tau, HAS_VALID, PREC,
+                                     BLOCK_K, BLOCK_F, BLOCK_D, BLOCK_DV)
+        g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+        lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+        p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
+        kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                     mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0) - vkt
+        z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0) - kt_sum
+        u = p * (tl.dot(grad, tl.trans(kv), input_precision=FP32_PREC) - delta[:, None] * z[None, :])
+        w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
+                    mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        dq = tl.dot((u * sqrt_tau).to(w.dtype), w, dq, input_precision=PREC)
+        uq_sum += tl.sum(u, 1)
+
+    dq = dq - qf * (uq_sum * tau)[:, None]
+    tl.store(DQ_OUT + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + qi[:, None].to(tl.int64) * stride_dqn
+             + offs_d[None, :], dq.to(DQ_OUT.dtype.element_ty), mask=q_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def full_tile_bwd_dkdv_kernel(
+    Q, K, V, W, G, GRAD_OUT, INV_DEN, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, DK, DV_OUT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_sb, stride_sh,
+    stride_wm,
+    stride_qib, stride_qih, stride_qit,
+    stride_kib, stride_kih, stride_kit,
+    stride_valid_b,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, GROUP, N, S, M, D, DV, TQ, TK, tau, sqrt_tau, inv_m,
+    HAS_VALID: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The support terms of dk and dv for BLOCK_K keys of a tile whose pairs are all in the support
+    (one round): with the tile's query state PG_f = sum_i P_if G_i, Pd_f = sum_i P_if delta_i
+    (`tile_query_state`), dv_j = sum_i E_ij G_i - Kt_j . PG and
+    u_jf = -Kt_jf (v_j . PG_f - Pd_f). The exact part over the query chunks (tiles held
+    transposed), then the low-rank part feature block by feature block; added in fp32 once
+    (atomics: a key may sit in several tiles and serves every head of its group)."""
+    pid_t, k0 = tile_and_first_row(TK, BLOCK_K)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // GROUP
+    b64 = b.to(tl.int64)
+    state = (b * (H // GROUP) + hkv).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kj, k_ok, k, v = load_key_chunk(
+        K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
+        KEY_VALID + b * stride_valid_b, K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh,
+        V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh, stride_kn, stride_vn, D, DV,
+        HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
+    kf = k.to(tl.float32)
+    k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
+    q_list = Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    grad_base = GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh
+    stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
+
+    dk = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_K, BLOCK_DV), tl.float32)
+    for q0 in range(0, TQ, BLOCK_Q):
+        qi, q_ok, q, row, delta, grad = load_backward_rows(
+            q_list + q0, TQ - q0, N, q_base, stride_qn, grad_base, stride_gn, STAB + stat_base, DELTA + stat_base,
+            INV_DEN + stat_base, D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
+        grad_in = grad.to(q.dtype)
+        pair_t = k_ok[:, None] & q_ok[None, :]
+        s_t = tl.where(pair_t, tl.dot(k, tl.trans(q), input_precision=PREC) * tau, NEG)
+        exact_t = tl.where(pair_t, tl.exp(s_t - row[None, :]), 0.0)
+        d_attn_t = tl.dot(v, tl.trans(grad_in), input_precision=PREC) - delta[None, :]
+        dk = tl.dot((exact_t * d_attn_t * tau).to(q.dtype), q, dk, input_precision=PREC)
+        dv = tl.dot(exact_t.to(q.dtype), grad_in, dv, input_precision=PREC)
+
+    uk_sum = tl.zeros((BLOCK_K,), tl.float32)
+    for f0 in range(0, M, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = offs_f < M
+        pg, pd = tile_query_state(q_list, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB + stat_base,
+                                  DELTA + stat_base, INV_DEN + stat_base, W, G + state * M, f0, M, D, DV,
+                                  stride_wm, tau, sqrt_tau, inv_m, PREC, BLOCK_Q, BLOCK_F, BLOCK_D, BLOCK_DV)
+        g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+        lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+        kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
+        dv = tl.dot(-kt, pg, dv, input_precision=FP32_PREC)
+        u = -kt * (tl.dot(v.to(tl.float32), tl.trans(pg), input_precision=FP32_PREC) - pd[None, :])
+        w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
+                    mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        dk = tl.dot((u * sqrt_tau).to(w.dtype), w, dk, input_precision=PREC)
+        uk_sum += tl.sum(u, 1)
+    dk -= kf * (uk_sum * tau)[:, None]
+    k_rows = kj[:, None].to(tl.int64)
+    tl.atomic_add(DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + k_rows * stride_dkn + offs_d[None, :],
+                  dk, mask=k_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    tl.atomic_add(DV_OUT + b64 * stride_dvb + hkv.to(tl.int64) * stride_dvh + k_rows * stride_dvn + offs_dv[None, :],
+                  dv, mask=k_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -454,10 +619,40 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     # an fp32 accumulator carries the earlier rounds (none with one round)
     dq = torch.empty(batch, heads, n_q, dim, device=device, dtype=q.dtype)
     dq_acc = dq if tiles.n_rounds == 1 else torch.empty(batch, heads, n_q, dim, device=device, dtype=torch.float32)
+    full = tiles.full_tiles(has_features, dim, v_dim)  # one round, every pair of a tile in the support
+    kinds = ("full_backward_dq", "full_backward_dkdv") if full else ("backward_dq", "backward_dkdv")
     dq_launch = tuple(given or fallback for given, fallback in zip(
-        dq_launch or (None,) * 4, launch_config("backward_dq", tiles.tq, tiles.tk, dim, v_dim, prec)))
+        dq_launch or (None,) * 4, launch_config(kinds[0], tiles.tq, tiles.tk, dim, v_dim, prec)))
     dkdv_launch = tuple(given or fallback for given, fallback in zip(
-        dkdv_launch or (None,) * 4, launch_config("backward_dkdv", tiles.tq, tiles.tk, dim, v_dim, prec)))
+        dkdv_launch or (None,) * 4, launch_config(kinds[1], tiles.tq, tiles.tk, dim, v_dim, prec)))
+    if full:
+        qi, kj = tiles.q_index[:, :, 0], tiles.k_index[:, :, 0]
+        strides = (q.stride(0), q.stride(1), q.stride(2),
+                   k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2),
+                   grad.stride(0), grad.stride(1), grad.stride(2),
+                   stab.stride(0), stab.stride(1),
+                   w.stride(0),
+                   qi.stride(0), qi.stride(1), qi.stride(2),
+                   kj.stride(0), kj.stride(1), kj.stride(2),
+                   valid_stride)
+        sizes = (heads, group, n_q, n_k, m, dim, v_dim, tiles.tq, tiles.tk, tau, sqrt_tau, inv_m)
+        flags = dict(HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
+                     BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim))
+        bq, bk, bf, warps = dq_launch
+        full_tile_bwd_dq_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, bq), batch * heads)](
+            q, k, v, w, kv, z, g, grad, inv_den, delta, stab, qi, kj, valid, dq, *strides,
+            dq.stride(0), dq.stride(1), dq.stride(2), *sizes,
+            BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
+        )
+        bq, bk, bf, warps = dkdv_launch
+        full_tile_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * heads)](
+            q, k, v, w, g, grad, inv_den, delta, stab, qi, kj, valid, dk, dv, *strides,
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2), *sizes,
+            BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
+        )
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
     common_strides = lambda qi, kj: (  # noqa: E731
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

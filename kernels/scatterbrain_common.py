@@ -72,3 +72,65 @@ def load_query_tile(Q_LIST, TQ, N, q_base, stride_qn, D, BLOCK_Q: tl.constexpr, 
     q = tl.load(q_base + qi[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                 mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     return qi, q_ok, q
+
+
+@triton.jit
+def load_backward_rows(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW,
+                       D, DV, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """A tile's query rows as the backward kernels need them: qi, q_ok, q (as `load_query_tile`),
+    the forward's stabiliser r_i, delta_i, and G_i = dO_i / den_i (BLOCK_Q, BLOCK_DV) fp32."""
+    qi, q_ok, q = load_query_tile(Q_LIST, TQ, N, q_base, stride_qn, D, BLOCK_Q, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row = tl.load(STAB_ROW + qi, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA_ROW + qi, mask=q_ok, other=0.0)
+    inv_den = tl.load(INV_DEN_ROW + qi, mask=q_ok, other=0.0)
+    grad = tl.load(grad_base + qi[:, None].to(tl.int64) * stride_gn + offs_dv[None, :],
+                   mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return qi, q_ok, q, row, delta, grad.to(tl.float32) * inv_den[:, None]
+
+
+@triton.jit
+def tile_key_state(K_LIST, TK, S, VALID_ROW, k_base, v_base, stride_kn, stride_vn, W, G_ROW, f0, M, D, DV,
+                   stride_wm, tau, sqrt_tau, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The low-rank state of one tile's key list for features f0 .. f0 + BLOCK_F, in the units of the
+    global state (key_state_kernel): VKt_f = sum_j Kt_jf v_j (BLOCK_F, BLOCK_DV) and
+    kt_sum_f = sum_j Kt_jf, fp32, Kt_jf = exp(l(k_j)_f - g_f) over the list's real keys."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    g = tl.load(G_ROW + offs_f, mask=offs_f < M, other=0.0)
+    vkt = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
+    kt_sum = tl.zeros((BLOCK_F,), tl.float32)
+    for k0 in range(0, TK, BLOCK_K):
+        kj, k_ok, k, v = load_key_chunk(K_LIST, k0, TK, S, VALID_ROW, k_base, v_base, stride_kn, stride_vn,
+                                        D, DV, HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
+        kf = k.to(tl.float32)
+        lk = feature_logits(k, tl.sum(kf * kf, 1) * (0.5 * tau), W, f0, M, D, stride_wm, sqrt_tau,
+                            BLOCK_F, BLOCK_D, PREC)
+        kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
+        vkt = tl.dot(tl.trans(kt).to(v.dtype), v, vkt, input_precision=PREC)
+        kt_sum += tl.sum(kt, 0)
+    return vkt, kt_sum
+
+
+@triton.jit
+def tile_query_state(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW,
+                     W, G_ROW, f0, M, D, DV, stride_wm, tau, sqrt_tau, inv_m, PREC: tl.constexpr,
+                     BLOCK_Q: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The backward's low-rank state of one tile's query list for features f0 .. f0 + BLOCK_F:
+    PG_f = sum_i P_if G_i (BLOCK_F, BLOCK_DV) and Pd_f = sum_i P_if delta_i, fp32, with
+    P_if = exp(l(q_i)_f + g_f - r_i) / m and G_i = dO_i / den_i (as query_state_kernel, per tile)."""
+    offs_f = f0 + tl.arange(0, BLOCK_F)
+    g = tl.load(G_ROW + offs_f, mask=offs_f < M, other=0.0)
+    pg = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
+    pd = tl.zeros((BLOCK_F,), tl.float32)
+    for q0 in range(0, TQ, BLOCK_Q):
+        qi, q_ok, q, row, delta, grad = load_backward_rows(
+            Q_LIST + q0, TQ - q0, N, q_base, stride_qn, grad_base, stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW,
+            D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
+        qf = q.to(tl.float32)
+        lq = feature_logits(q, tl.sum(qf * qf, 1) * (0.5 * tau), W, f0, M, D, stride_wm, sqrt_tau,
+                            BLOCK_F, BLOCK_D, PREC)
+        p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
+        pg = tl.dot(tl.trans(p).to(q.dtype), grad.to(q.dtype), pg, input_precision=PREC)
+        pd += tl.sum(p * delta[:, None], 0)
+    return pg, pd

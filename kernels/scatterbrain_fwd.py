@@ -19,6 +19,12 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
    of r_i (a dot and a max, no exp) and phi_i . KV, phi_i . z are added in the last key chunk's
    feature loop, where r_i is final and phi_i is computed anyway: one exp of phi(q) fewer per key
    list. A tile without keys (no sparse support) adds them in the first pass.
+3. `full_tile_fwd_kernel`, in place of 2 when every real pair of every tile is in the support (one
+   LSH round; `KernelTiles.full_tiles`): sum_j C_ij v_j = sum_j exp(s_ij - r_i) v_j - phi_i . VKt
+   with VKt_f = sum_{j in tile} phi~_jf v_j, the tile's own key state, so the output is exact
+   attention inside the tile plus phi_i . (KV - VKt) (and likewise den): the same function with no
+   per-pair feature products (per query, buckets of 128, m = 256, D = 64: 96k multiply-adds and
+   640 exps instead of 128k and 896).
 
 Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
 `precisions`, TF32 or IEEE after torch's matmul setting); the products with the fp32 state KV use
@@ -31,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row,
+    NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row, tile_key_state,
 )
 
 
@@ -238,6 +244,97 @@ def sparse_lowrank_fwd_kernel(
     tl.store(STAB + stat, row, mask=q_ok)
 
 
+@triton.jit
+def full_tile_fwd_kernel(
+    Q, K, V, W, KV, Z, G, Q_INDEX, K_INDEX, KEY_VALID, OUT, DEN, STAB,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_wm,
+    stride_qib, stride_qih, stride_qit,
+    stride_kib, stride_kih, stride_kit,
+    stride_valid_b,
+    stride_sb, stride_sh,
+    H, GROUP, N, S, M, D, DV, TQ, TK, tau, sqrt_tau, inv_m,
+    HAS_VALID: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One round whose support is every (real) pair of each tile (one LSH round): the correction
+    sum_j C_ij v_j = sum_j exp(s_ij - r_i) v_j - phi_i . VKt factorises over the tile's key state
+    VKt (`tile_key_state`), so
+        num_i = sum_{j in tile} exp(s_ij - r_i) v_j + phi_i . (KV - VKt),
+        den_i = sum_{j in tile} exp(s_ij - r_i) + phi_i . (z - kt_sum):
+    exact attention inside the tile plus the low-rank term of the keys outside it, with no
+    (queries x keys) x features product. Passes: r_i's low-rank part (dots, no exp); the tile's keys
+    flash style (r_i grows online); then, feature block by feature block, VKt over the key list and
+    phi_i (r_i final). Writes O, den and r like `sparse_lowrank_fwd_kernel` with one round."""
+    pid_t, q0 = tile_and_first_row(TQ, BLOCK_Q)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // GROUP
+    b64 = b.to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
+                                  Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, D,
+                                  BLOCK_Q, BLOCK_D)
+    qf = q.to(tl.float32)
+    q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
+    k_list = K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit
+    valid_row = KEY_VALID + b * stride_valid_b
+    k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    state = (b * (H // GROUP) + hkv).to(tl.int64)
+
+    row = tl.full((BLOCK_Q,), NEG, tl.float32)
+    for f0 in range(0, M, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
+        lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+        row = tl.maximum(row, tl.max(lq + g[None, :], 1))
+
+    acc = tl.zeros((BLOCK_Q, BLOCK_DV), tl.float32)
+    den = tl.zeros((BLOCK_Q,), tl.float32)
+    for k0 in range(0, TK, BLOCK_K):
+        kj, k_ok, k, v = load_key_chunk(k_list, k0, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn,
+                                        D, DV, HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
+        pair = q_ok[:, None] & k_ok[None, :]
+        s = tl.where(pair, tl.dot(q, tl.trans(k), input_precision=PREC) * tau, NEG)
+        new_row = tl.maximum(row, tl.max(s, 1))
+        alpha = tl.exp(row - new_row)
+        exact = tl.where(pair, tl.exp(s - new_row[:, None]), 0.0)
+        acc = tl.dot(exact.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        den = den * alpha + tl.sum(exact, 1)
+        row = new_row
+
+    for f0 in range(0, M, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = offs_f < M
+        vkt, kt_sum = tile_key_state(k_list, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn, W, G + state * M,
+                                     f0, M, D, DV, stride_wm, tau, sqrt_tau, HAS_VALID, PREC,
+                                     BLOCK_K, BLOCK_F, BLOCK_D, BLOCK_DV)
+        g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+        lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
+        phi_q = tl.exp(lq + g[None, :] - row[:, None]) * inv_m
+        kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                     mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0) - vkt
+        z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0) - kt_sum
+        if q.dtype == tl.bfloat16:  # |KV| <= S max|v| fits bf16 (not fp16)
+            acc = tl.dot(phi_q.to(q.dtype), kv.to(q.dtype), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(phi_q, kv, acc, input_precision=FP32_PREC)
+        den += tl.sum(phi_q * z[None, :], 1)
+
+    out = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + qi[:, None].to(tl.int64) * stride_on
+             + offs_dv[None, :], out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & (offs_dv[None, :] < DV))
+    stat = b64 * stride_sb + h.to(tl.int64) * stride_sh + qi
+    tl.store(DEN + stat, den, mask=q_ok)
+    tl.store(STAB + stat, row, mask=q_ok)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 import math  # noqa: E402
@@ -253,10 +350,11 @@ def _pow2(x: int, lo: int = 16) -> int:
 def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
                   prec: str = "tf32") -> tuple[int, int, int, int]:
     """(BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the sparse + low-rank kernels, kind 'forward',
-    'backward_dq' or 'backward_dkdv', for query tiles of tq rows and key lists of tk keys; prec is
+    'backward_dq' or 'backward_dkdv' (per-pair kernels), or the same with a 'full_' prefix
+    (full-tile kernels), for query tiles of tq rows and key lists of tk keys; prec is
     the dots' precision (`precisions`): 'ieee' (fp32 inputs without TF32) has no tensor cores and
-    takes small tiles. For 'backward_dkdv', BLOCK_K is the keys per program and BLOCK_Q the query
-    chunk of its inner loop.
+    takes small tiles. For the dk/dv kernels, BLOCK_K is the keys per program and BLOCK_Q the
+    query chunk of their inner loops.
 
     Chosen without a GPU, from the registers and spill stack of every configuration compiled for
     sm_90 with the JIT's argument specialisation (bench/kernel_resources.py,
@@ -269,9 +367,14 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     of 128 keys over query chunks of 64 (16 features). Both spill-free on triton 3.6 (dk/dv: 24 B on
     3.9), all their dots warpgroup MMAs; 328k multiply-adds and 1.8k exps per query for buckets of
     128 and 256 features. Larger blocks spill (dq with one 128-key chunk: 200-300 B; dk/dv with one
-    128-query chunk: 440 B). Beyond D = 64: dq 32 x 64 (88 B, the least of those tried), dk/dv 32
+    128-query chunk: 440 B). Beyond D = 64: dq 32 x 64 (88-96 B, the least of those tried), dk/dv 32
     keys over 64-query chunks (none, but mostly warp-level MMAs). To be confirmed on a GPU with
     bench/kernel_configs.py.
+    Full-tile kernels (one LSH round, head dims <= 64; their counts do not depend on the key chunk
+    or, for dk/dv, the query chunk, only on the rows per program, which rebuild the tile's state):
+    forward and dq 128 rows with key chunks of 64 and 32 features, dk/dv 128 keys with query
+    chunks of 32; all spill-free on triton 3.6 and 3.9. IEEE fp32: 64 rows x 16 (forward spill-free,
+    dq 16 B), dk/dv 64 keys x 16 queries (16 B).
     IEEE fp32 dots (FMA, no tensor cores) spill at every size tried; the least: 32 x 32 tiles
     forward (536 B at D = 64, against 9 KB with the bf16 default), dq 64 x 16 with 8 warps (16 B),
     dk/dv 16 keys x 32 queries (32 B).
@@ -281,6 +384,10 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     if prec == "ieee":
         if kind == "forward":
             return min(block_q, 32), min(_pow2(tk), 32), 16, 4
+        if kind in ("full_forward", "full_backward_dq"):
+            return min(block_q, 64), 16, 16, 8 if block_q >= 64 else 4
+        if kind == "full_backward_dkdv":
+            return 16, min(_pow2(tk), 64), 16, 8 if tk >= 64 else 4
         if kind == "backward_dq":
             return min(block_q, 64), 16, 16, 8 if block_q >= 64 else 4
         return min(block_q, 32), 16, 16, 4
@@ -293,6 +400,12 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
         else:
             block_k, block_f = min(_pow2(tk), 64), 32
         warps = 8 if block_q >= 128 else 4  # 64 rows on 8 warps spill (local windows: 24 B)
+    elif kind in ("full_forward", "full_backward_dq"):  # (head dims <= 64: `KernelTiles.full_tiles`)
+        block_k, block_f = min(_pow2(tk), 64), 32
+        warps = 8 if block_q >= 128 else 4
+    elif kind == "full_backward_dkdv":
+        block_q, block_k, block_f = min(block_q, 32), min(_pow2(tk), 128), 32
+        warps = 8 if block_k >= 128 else 4
     else:  # backward_dkdv: BLOCK_K keys of a tile per program, its queries in chunks of BLOCK_Q
         if wide:
             block_q, block_k, block_f = min(block_q, 64), min(_pow2(tk), 32), 16
@@ -389,6 +502,17 @@ class KernelTiles:
     def tk(self):
         return self.k_index.shape[4]
 
+    def full_tiles(self, has_features: bool, dim: int, v_dim: int) -> bool:
+        """Whether the full-tile kernels run: every real (query, key) pair of every tile is in the
+        support (one round, no band, some keys), so the correction factorises over each tile's key
+        (and, backward, query) state, and there is a low-rank term to factorise. Only with head
+        dims <= 64: beyond that the full-tile kernels fit their registers only with blocks of 32
+        rows, whose programs each rebuild the tile's state (4x per tile of 128), and the per-pair
+        kernels count fewer multiply-adds. (IEEE fp32, with 64-row programs, counts about the same
+        either way.)"""
+        return (has_features and self.n_rounds == 1 and not self.has_band and self.tk > 0
+                and max(dim, v_dim) <= 64)
+
     @classmethod
     def from_plan(cls, plan, batch, heads, kv_heads, n_q, device, low_rank_block=64):
         if plan is None:
@@ -433,10 +557,32 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
     w_arg = w if has_features else q
     m = w.shape[0] if has_features else 0
     prec, fp32_prec = precisions(q.dtype)
-    default = launch_config("forward", tq, tk, dim, v_dim, prec)
+    full_tiles = tiles.full_tiles(has_features, dim, v_dim)
+    default = launch_config("full_forward" if full_tiles else "forward", tq, tk, dim, v_dim, prec)
     block_q, block_k, block_f, num_warps = (
         given or fallback for given, fallback in zip((block_q, block_k, block_f, num_warps), default))
     out = torch.empty(batch, heads, n_q, v_dim, device=device, dtype=out_dtype)
+    if full_tiles:
+        den = torch.empty(batch, heads, n_q, device=device, dtype=torch.float32)
+        stab = torch.empty_like(den)
+        qi, kj = q_index[:, :, 0], k_index[:, :, 0]
+        full_tile_fwd_kernel[(n_tiles * triton.cdiv(tq, block_q), batch * heads)](
+            q, k, v, w_arg, kv, z, g, qi, kj, valid, out, den, stab,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            w_arg.stride(0),
+            qi.stride(0), qi.stride(1), qi.stride(2),
+            kj.stride(0), kj.stride(1), kj.stride(2),
+            valid.stride(0),
+            den.stride(0), den.stride(1),
+            heads, heads // kv_heads, n_q, n_k, m, dim, v_dim, tq, tk, tau, math.sqrt(tau), 1.0 / m,
+            HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
+            BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_F=block_f,
+            BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim), num_warps=num_warps,
+        )
+        return out, den, stab
     write_out = n_rounds == 1
     if write_out:
         num = out

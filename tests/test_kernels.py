@@ -85,8 +85,11 @@ def test_head_dims(dim):
     check(torch.float32, 1, 2, 1, 40, 40, dim, dict(sparse="lsh", bucket_size=16, num_features=40), v_dim=dim)
 
 
-def test_head_dim_128_and_value_dim():
-    check(torch.float32, 1, 1, 1, 33, 33, 128, dict(sparse="local", window=16, num_features=16), v_dim=16)
+@pytest.mark.parametrize("sparse", ["local", "lsh"])
+def test_head_dim_128_and_value_dim(sparse):
+    # head dims beyond 64 take the per-pair kernels also for one LSH round (`KernelTiles.full_tiles`)
+    check(torch.float32, 1, 1, 1, 33, 33, 128, dict(sparse=sparse, window=16, bucket_size=16, num_features=16),
+          v_dim=16)
 
 
 def test_large_norms_fp32():
@@ -136,7 +139,7 @@ def test_decoding_shapes_few_queries_many_keys():
     check(torch.float32, 2, 4, 2, 3, 100, 16, dict(sparse="lsh", bucket_size=16, n_hashes=2), padded=True)
 
 
-@pytest.mark.parametrize("name", ["lsh-2-rounds", "local"])
+@pytest.mark.parametrize("name", ["lsh", "lsh-2-rounds", "local"])
 def test_query_sub_blocks_and_small_key_blocks(monkeypatch, name):
     """Launch parameters change the schedule, never the result: query tiles split into sub-blocks of
     16 rows (the last one partial), key chunks of 16, 4 warps, features in blocks of 16; the dk/dv
@@ -235,6 +238,29 @@ def test_one_chunk_forward_equals_chunked_forward():
                    for block_k in (32, 16)]
         for one_chunk, chunked in zip(*results):
             assert rel(one_chunk, chunked) < 1e-6
+
+
+def test_full_tile_kernels_equal_per_pair_kernels(monkeypatch):
+    """One LSH round: the full-tile kernels (the correction factorised over each tile's key and query
+    state) and the per-pair kernels on the same plan give the same output and gradients to fp32
+    rounding (padding, grouped heads, a partial last tile, several query and key chunks)."""
+    import functools
+
+    from scatterattn.kernels import scatterbrain_bwd, scatterbrain_fwd
+
+    small = (32, 16, 16, 4)
+    monkeypatch.setattr(scatterbrain_bwd, "sparse_lowrank_backward",
+                        functools.partial(scatterbrain_bwd.sparse_lowrank_backward, dkdv_launch=small))
+    settings = dict(sparse="lsh", bucket_size=32, num_features=24)
+    chosen, full_tiles = [], scatterbrain_fwd.KernelTiles.full_tiles
+    monkeypatch.setattr(scatterbrain_fwd.KernelTiles, "full_tiles",
+                        lambda self, *args: chosen.append(full_tiles(self, *args)) or chosen[-1])
+    full, _ = run_both(torch.float32, 2, 4, 2, 70, 61, 16, settings, padded=True)
+    assert chosen == [True, True]  # forward and backward took the full-tile kernels
+    monkeypatch.setattr(scatterbrain_fwd.KernelTiles, "full_tiles", lambda self, *args: False)
+    per_pair, _ = run_both(torch.float32, 2, 4, 2, 70, 61, 16, settings, padded=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), full, per_pair):
+        assert rel(a, b) < 1e-5, (name, rel(a, b))
 
 
 def test_fp16_low_rank_state_beyond_fp16_range():

@@ -18,7 +18,7 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel tests compile for real")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-CASES = ["lsh-2-rounds", "local", "lsh-only"]
+CASES = ["lsh", "lsh-2-rounds", "local", "lsh-only"]  # lsh: the full-tile kernels
 
 
 def compile_case(case: str, dtype_name: str) -> list[dict]:
@@ -74,7 +74,9 @@ def test_resource_readout_and_warpgroup_mma():
     report = {r["kernel"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
     for r in report.values():
         assert 0 < r["registers"] <= 255 and r["spill_stack"] >= 0 and r["local"] >= 0, r
-    for name in ("sparse_lowrank_fwd_kernel", "sparse_lowrank_bwd_dq_kernel", "sparse_lowrank_bwd_dkdv_kernel"):
+    attention = [name for name in report if name.endswith(("fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel"))]
+    assert sorted(attention) == ["full_tile_bwd_dkdv_kernel", "full_tile_bwd_dq_kernel", "full_tile_fwd_kernel"]
+    for name in attention:
         assert report[name]["hgmma"] > 0, report[name]
     assert report["key_state_kernel"]["hgmma"] > 0 and report["key_state_kernel"]["hmma"] == 0
     assert report["row_delta_kernel"]["hgmma"] == report["row_delta_kernel"]["hmma"] == 0  # no dot there
