@@ -24,8 +24,9 @@ Kernels:
       one tile per round, so earlier rounds add into an fp32 sum and the last writes dq in the input
       dtype;
     - sparse_lowrank_bwd_dkdv_kernel: BLOCK_K keys over the tile's queries in chunks, with the
-      (keys, queries) tiles held transposed: the support terms of dk and dv, added in fp32 per query
-      chunk (atomics: a key can sit in several tiles and serves every head of its group).
+      (keys, queries) tiles held transposed: the support terms of dk and dv, added in fp32 (dv per
+      query chunk, dk once after the loop; atomics: a key can sit in several tiles and serves every
+      head of its group).
   * full_tile_bwd_dq_kernel and full_tile_bwd_dkdv_kernel in place of those two when every real pair
     of a tile is in the support (one LSH round, `KernelTiles.full_tiles`): the pair sums over the
     tile factorise through its key state VKt_f = sum_j Kt_jf v_j, kt_sum_f (for dq) and its query
@@ -211,7 +212,7 @@ def sparse_lowrank_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
     qi, q_ok, q, row, delta, grad = load_backward_rows(
-        Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
+        Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
         Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn,
         GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
         STAB + stat_base, DELTA + stat_base, INV_DEN + stat_base, D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
@@ -241,12 +242,12 @@ def sparse_lowrank_bwd_dq_kernel(
     grad_in = grad.to(q.dtype)
     for k0 in range(0, TK, BLOCK_K):
         kj, k_ok, k, v = load_key_chunk(
-            K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
+            K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit, k0, TK, S,
             KEY_VALID + b * stride_valid_b, k_base, v_base, stride_kn, stride_vn, D, DV,
             HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
         pair = support_mask(
-            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h * stride_qbh,
-            K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
+            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h.to(tl.int64) * stride_qbh,
+            K_BUCKET + b64 * stride_kbb + hkv.to(tl.int64) * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
             HAS_BAND, DEDUP)
         s = tl.where(pair, tl.dot(q, tl.trans(k), input_precision=PREC) * tau, NEG)
         d_attn = tl.where(pair, tl.dot(grad_in, tl.trans(v), input_precision=PREC) - delta[:, None], 0.0)
@@ -324,7 +325,7 @@ def sparse_lowrank_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kj, k_ok, k, v = load_key_chunk(
-        K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
+        K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit, k0, TK, S,
         KEY_VALID + b * stride_valid_b, K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh,
         V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh, stride_kn, stride_vn, D, DV,
         HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
@@ -345,13 +346,13 @@ def sparse_lowrank_bwd_dkdv_kernel(
     uk_sum = tl.zeros((BLOCK_K,), tl.float32)
     for q0 in range(0, TQ, BLOCK_Q):
         qi, q_ok, q, row, delta, grad = load_backward_rows(
-            Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N, q_base, stride_qn,
+            Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit + q0, TQ - q0, N, q_base, stride_qn,
             grad_base, stride_gn, STAB + stat_base, DELTA + stat_base, INV_DEN + stat_base,
             D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
         grad_in = grad.to(q.dtype)
         pair_t = tl.trans(support_mask(
-            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h * stride_qbh,
-            K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
+            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h.to(tl.int64) * stride_qbh,
+            K_BUCKET + b64 * stride_kbb + hkv.to(tl.int64) * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
             HAS_BAND, DEDUP))
         s_t = tl.where(pair_t, tl.dot(k, tl.trans(q), input_precision=PREC) * tau, NEG)
         exact_t = tl.where(pair_t, tl.exp(s_t - row[None, :]), 0.0)
@@ -418,14 +419,14 @@ def full_tile_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
     qi, q_ok, q, row, delta, grad = load_backward_rows(
-        Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
+        Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
         Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn,
         GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
         STAB + stat_base, DELTA + stat_base, INV_DEN + stat_base, D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
     qf = q.to(tl.float32)
     q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
     grad_in = grad.to(q.dtype)
-    k_list = K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit
+    k_list = K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit
     valid_row = KEY_VALID + b * stride_valid_b
     k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
@@ -499,13 +500,13 @@ def full_tile_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kj, k_ok, k, v = load_key_chunk(
-        K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
+        K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit, k0, TK, S,
         KEY_VALID + b * stride_valid_b, K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh,
         V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh, stride_kn, stride_vn, D, DV,
         HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
     kf = k.to(tl.float32)
     k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
-    q_list = Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit
+    q_list = Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
     grad_base = GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh
     stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
@@ -556,8 +557,9 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     """(dq, dk, dv) in the input dtypes for the forward `sparse_lowrank_forward` computed.
 
     out, den, stab: the forward's outputs; state = (KV, z, g) of `key_state` or None.
-    dq_launch, dkdv_launch: (BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the two sparse kernels, any
-    entry None for `launch_config`'s ('backward_dq', 'backward_dkdv').
+    dq_launch, dkdv_launch: (BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the dq and dk/dv kernels, any
+    entry None for `launch_config`'s ('full_backward_dq', 'full_backward_dkdv' for full tiles,
+    `KernelTiles.full_tiles`; else 'backward_dq', 'backward_dkdv').
     """
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k, v_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -620,11 +622,12 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     dq = torch.empty(batch, heads, n_q, dim, device=device, dtype=q.dtype)
     dq_acc = dq if tiles.n_rounds == 1 else torch.empty(batch, heads, n_q, dim, device=device, dtype=torch.float32)
     full = tiles.full_tiles(has_features, dim, v_dim)  # one round, every pair of a tile in the support
+    fp32 = q.dtype == torch.float32
     kinds = ("full_backward_dq", "full_backward_dkdv") if full else ("backward_dq", "backward_dkdv")
     dq_launch = tuple(given or fallback for given, fallback in zip(
-        dq_launch or (None,) * 4, launch_config(kinds[0], tiles.tq, tiles.tk, dim, v_dim, prec)))
+        dq_launch or (None,) * 4, launch_config(kinds[0], tiles.tq, tiles.tk, dim, v_dim, prec, fp32)))
     dkdv_launch = tuple(given or fallback for given, fallback in zip(
-        dkdv_launch or (None,) * 4, launch_config(kinds[1], tiles.tq, tiles.tk, dim, v_dim, prec)))
+        dkdv_launch or (None,) * 4, launch_config(kinds[1], tiles.tq, tiles.tk, dim, v_dim, prec, fp32)))
     if full:
         qi, kj = tiles.q_index[:, :, 0], tiles.k_index[:, :, 0]
         strides = (q.stride(0), q.stride(1), q.stride(2),

@@ -56,8 +56,9 @@ def support_mask(qi, q_ok, kj, k_ok, Q_BUCKET_ROW, K_BUCKET_ROW, stride_qbr, str
 
 @triton.jit
 def tile_and_first_row(TQ, BLOCK_Q: tl.constexpr):
-    """Axis 0 of the sparse kernels' grid runs over (tile t, query sub-block j): a program takes rows
-    j * BLOCK_Q .. of tile t's query list and all of the tile's keys. Returns (t, j * BLOCK_Q)."""
+    """Axis 0 of the sparse kernels' grid runs over (tile t, sub-block j) of a list of TQ entries per
+    tile, BLOCK_Q per program: query rows j * BLOCK_Q .. of tile t (forward, dq kernels) or, called
+    with (TK, BLOCK_K), its keys (dk/dv kernels). Returns (t, j * BLOCK_Q)."""
     n_sub = tl.cdiv(TQ, BLOCK_Q)
     return tl.program_id(0) // n_sub, (tl.program_id(0) % n_sub) * BLOCK_Q
 

@@ -28,8 +28,9 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
 
 Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
 `precisions`, TF32 or IEEE after torch's matmul setting); the products with the fp32 state KV use
-FP32_PREC ('tf32' for half inputs, as PREC for fp32), except that the last key chunk rounds KV to
-bf16 for bf16 inputs (|KV| <= S max|v| would overflow fp16). The feature matrix is rounded to the
+FP32_PREC ('tf32' for half inputs, as PREC for fp32), except that for bf16 inputs the last key
+chunk rounds KV (the full-tile kernel: KV - VKt, after the subtraction) to bf16 (|KV| <= S max|v|
+would overflow fp16). The feature matrix is rounded to the
 input dtype once, by the caller.
 """
 
@@ -153,7 +154,7 @@ def sparse_lowrank_fwd_kernel(
     hkv = h // GROUP
     b64 = b.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
-    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
+    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
                                   Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, D,
                                   BLOCK_Q, BLOCK_D)
     qf = q.to(tl.float32)
@@ -188,12 +189,12 @@ def sparse_lowrank_fwd_kernel(
 
     for k0 in range(0, TK, BLOCK_K):
         kj, k_ok, k, v = load_key_chunk(
-            K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit, k0, TK, S,
+            K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit, k0, TK, S,
             KEY_VALID + b * stride_valid_b, k_base, v_base, stride_kn, stride_vn, D, DV,
             HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
         pair = support_mask(
-            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h * stride_qbh,
-            K_BUCKET + b64 * stride_kbb + hkv * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
+            qi, q_ok, kj, k_ok, Q_BUCKET + b64 * stride_qbb + h.to(tl.int64) * stride_qbh,
+            K_BUCKET + b64 * stride_kbb + hkv.to(tl.int64) * stride_kbh, stride_qbr, stride_kbr, ROUND, BAND,
             HAS_BAND, DEDUP)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * tau
         s = tl.where(pair, s, NEG)
@@ -277,12 +278,12 @@ def full_tile_fwd_kernel(
     hkv = h // GROUP
     b64 = b.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
-    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
+    qi, q_ok, q = load_query_tile(Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
                                   Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, D,
                                   BLOCK_Q, BLOCK_D)
     qf = q.to(tl.float32)
     q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
-    k_list = K_INDEX + b64 * stride_kib + hkv * stride_kih + pid_t * stride_kit
+    k_list = K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit
     valid_row = KEY_VALID + b * stride_valid_b
     k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
@@ -348,7 +349,7 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
-                  prec: str = "tf32") -> tuple[int, int, int, int]:
+                  prec: str = "tf32", fp32_operands: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_Q, BLOCK_K, BLOCK_F, num_warps) of the sparse + low-rank kernels, kind 'forward',
     'backward_dq' or 'backward_dkdv' (per-pair kernels), or the same with a 'full_' prefix
     (full-tile kernels), for query tiles of tq rows and key lists of tk keys; prec is
@@ -373,8 +374,13 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     Full-tile kernels (one LSH round, head dims <= 64; their counts do not depend on the key chunk
     or, for dk/dv, the query chunk, only on the rows per program, which rebuild the tile's state):
     forward and dq 128 rows with key chunks of 64 and 32 features, dk/dv 128 keys with query
-    chunks of 32; all spill-free on triton 3.6 and 3.9. IEEE fp32: 64 rows x 16 (forward spill-free,
+    chunks of 32; all spill-free on triton 3.6 and 3.9 with 16-bit inputs. IEEE fp32: 64 rows x 16 (forward spill-free,
     dq 16 B), dk/dv 64 keys x 16 queries (16 B).
+    fp32 inputs on TF32 tensor cores (fp32_operands) hold twice the bytes per tile: the per-pair
+    forward keeps its 16-bit blocks (no spills), the others take smaller ones at D = 64 (triton
+    3.6): full-tile forward and dq 64 x 64 with 16 features (none), dk/dv 128 keys over 16-query
+    chunks (16 B full-tile, none per-pair), per-pair dq 32 x 64 (40 B; 200-340 B on the 16-bit
+    blocks).
     IEEE fp32 dots (FMA, no tensor cores) spill at every size tried; the least: 32 x 32 tiles
     forward (536 B at D = 64, against 9 KB with the bf16 default), dq 64 x 16 with 8 warps (16 B),
     dk/dv 16 keys x 32 queries (32 B).
@@ -387,10 +393,18 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
         if kind in ("full_forward", "full_backward_dq"):
             return min(block_q, 64), 16, 16, 8 if block_q >= 64 else 4
         if kind == "full_backward_dkdv":
-            return 16, min(_pow2(tk), 64), 16, 8 if tk >= 64 else 4
+            block_k = min(_pow2(tk), 64)
+            return 16, block_k, 16, 8 if block_k >= 64 else 4
         if kind == "backward_dq":
             return min(block_q, 64), 16, 16, 8 if block_q >= 64 else 4
         return min(block_q, 32), 16, 16, 4
+    if fp32_operands and kind != "forward":  # TF32: fp32 tiles take twice the registers
+        if kind in ("full_forward", "full_backward_dq"):
+            return min(block_q, 64), min(_pow2(tk), 64), 16, 4
+        if kind == "backward_dq":
+            return min(block_q, 32), min(_pow2(tk), 64), 16, 4
+        block_k = min(_pow2(tk), 128)  # the dk/dv kernels
+        return 16, block_k, 16, 8 if block_k >= 128 else 4
     if kind == "forward":
         block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32
         warps = 8 if block_q * block_k >= 64 * 64 else 4
@@ -558,7 +572,8 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
     m = w.shape[0] if has_features else 0
     prec, fp32_prec = precisions(q.dtype)
     full_tiles = tiles.full_tiles(has_features, dim, v_dim)
-    default = launch_config("full_forward" if full_tiles else "forward", tq, tk, dim, v_dim, prec)
+    default = launch_config("full_forward" if full_tiles else "forward", tq, tk, dim, v_dim, prec,
+                            fp32_operands=q.dtype == torch.float32)
     block_q, block_k, block_f, num_warps = (
         given or fallback for given, fallback in zip((block_q, block_k, block_f, num_warps), default))
     out = torch.empty(batch, heads, n_q, v_dim, device=device, dtype=out_dtype)

@@ -106,19 +106,18 @@ def lsh_plan(
         # Query chunk t attends key bucket tile_bucket[b, t]. Without padding that is bucket t; with
         # padding only the first ceil(real keys / bucket_size) buckets hold real keys, and the query
         # chunks are spread evenly over those (a bucket may serve several chunks).
-        chunk_ids = torch.arange(n_buckets, device=query.device)
-        if key_valid is None:
-            tile_bucket = chunk_ids.expand(batch, n_buckets)
-        else:
+        tile_bucket = None  # None: chunk t attends bucket t
+        if key_valid is not None:
+            chunk_ids = torch.arange(n_buckets, device=query.device)
             tile_bucket = torch.div(chunk_ids * real_buckets.clamp_min(1)[:, None], n_buckets, rounding_mode="floor")
             k_index = k_index.gather(
                 -2, tile_bucket[:, None, None, :, None].expand(batch, kv_heads, n_rounds, n_buckets, bucket_size)
             )
         q_bucket = k_bucket = None
         if n_rounds > 1:  # only deduplication reads them
-            q_bucket = tile_bucket[:, None, None, :].expand(batch, heads, n_rounds, n_buckets).gather(
-                -1, _ranks_to_buckets(q_order, q_chunk)
-            )
+            q_bucket = _ranks_to_buckets(q_order, q_chunk)
+            if tile_bucket is not None:
+                q_bucket = tile_bucket[:, None, None, :].expand(batch, heads, n_rounds, n_buckets).gather(-1, q_bucket)
             k_bucket = _ranks_to_buckets(k_order, bucket_size)
         return SparsePlan(
             q_index=q_index.reshape(batch, heads, n_rounds, n_buckets, q_chunk),

@@ -17,7 +17,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel tests compile for real")
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "tf32": torch.float32}
 CASES = ["lsh", "lsh-2-rounds", "local", "lsh-only"]  # lsh: the full-tile kernels
 
 
@@ -26,6 +26,7 @@ def compile_case(case: str, dtype_name: str) -> list[dict]:
     from scatterattn.kernels import offline_compile as oc
 
     dtype = DTYPES[dtype_name]
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"  # fp32 inputs on TF32 tensor cores
     if case == "chained":  # every launch config: D 64, 128 and 256; fp32 operands with TF32 and IEEE
         recorders = oc.record_chained(dtype)
         extras = [oc.record_chained(dtype, dim=dim, tf32=tf32) for dim in (64, 128, 256) for tf32 in (False, True)]
@@ -39,8 +40,11 @@ def compile_case(case: str, dtype_name: str) -> list[dict]:
     return oc.compile_all(recorders)
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("case", [*CASES, "chained", "lsh-hash"])
+PARAMS = [(case, dtype) for case in [*CASES, "chained", "lsh-hash"] for dtype in ("bf16", "fp32")]
+PARAMS += [("lsh", "fp16"), ("lsh", "tf32"), ("lsh-2-rounds", "tf32")]  # their own launch shapes
+
+
+@pytest.mark.parametrize("case,dtype_name", PARAMS)
 def test_kernels_compile_for_sm90(case, dtype_name):
     from scatterattn.kernels.offline_compile import SCATTERBRAIN_CASES, SM90_SHARED_LIMIT
 
