@@ -28,7 +28,7 @@ import torch
 # candidates, spill-free at D = 64 on triton 3.6 (bench/results/kernel_resources_triton3.6.0.md).
 # Their work does not depend on the key chunk (dk/dv: the query chunk), only on the rows (keys) per
 # program; larger chunks mean fewer, larger dots.
-FORWARD = [None, (128, 128, 32, 8), (128, 64, 64, 8),  # 64 features: every dot a warpgroup MMA
+FORWARD = [None, (128, 128, 64, 8), (128, 64, 32, 8),  # 32 features: the tile state's dot on HMMA
            (128, 64, 16, 8), (64, 64, 32, 8)]
 # backward, one kernel varied at a time (the other at its default): dq (rows, key chunk, ...);
 # dk/dv (query chunk, keys per program, ...)

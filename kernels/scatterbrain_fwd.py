@@ -23,7 +23,7 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
    LSH round; `KernelTiles.full_tiles`): sum_j C_ij v_j = sum_j exp(s_ij - r_i) v_j - phi_i . VKt
    with VKt_f = sum_{j in tile} phi~_jf v_j, the tile's own key state, so the output is exact
    attention inside the tile plus phi_i . (KV - VKt) (and likewise den): the same function with no
-   per-pair feature products (per query, buckets of 128, m = 256, D = 64: 96k multiply-adds and
+   per-pair feature products (per query, buckets of 128, m = 256, D = 64: 80k multiply-adds and
    640 exps instead of 128k and 896).
 
 Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
@@ -268,9 +268,9 @@ def full_tile_fwd_kernel(
         num_i = sum_{j in tile} exp(s_ij - r_i) v_j + phi_i . (KV - VKt),
         den_i = sum_{j in tile} exp(s_ij - r_i) + phi_i . (z - kt_sum):
     exact attention inside the tile plus the low-rank term of the keys outside it, with no
-    (queries x keys) x features product. Passes: r_i's low-rank part (dots, no exp); the tile's keys
-    flash style (r_i grows online); then, feature block by feature block, VKt over the key list and
-    phi_i (r_i final). Writes O, den and r like `sparse_lowrank_fwd_kernel` with one round."""
+    (queries x keys) x features product. Two passes, r_i growing online through both (flash style):
+    feature block by feature block, VKt over the key list and phi_i; then the tile's keys. Writes O,
+    den and r like `sparse_lowrank_fwd_kernel` with one round."""
     pid_t, q0 = tile_and_first_row(TQ, BLOCK_Q)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -289,15 +289,32 @@ def full_tile_fwd_kernel(
     v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
     state = (b * (H // GROUP) + hkv).to(tl.int64)
 
+    # The low-rank part of the keys outside the tile, feature block by feature block, then the
+    # tile's keys exactly; r_i grows online through both passes (flash style), so no pass of its own.
     row = tl.full((BLOCK_Q,), NEG, tl.float32)
-    for f0 in range(0, M, BLOCK_F):
-        offs_f = f0 + tl.arange(0, BLOCK_F)
-        g = tl.load(G + state * M + offs_f, mask=offs_f < M, other=0.0)
-        lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-        row = tl.maximum(row, tl.max(lq + g[None, :], 1))
-
     acc = tl.zeros((BLOCK_Q, BLOCK_DV), tl.float32)
     den = tl.zeros((BLOCK_Q,), tl.float32)
+    for f0 in range(0, M, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = offs_f < M
+        vkt, kt_sum = tile_key_state(k_list, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn, W, G + state * M,
+                                     f0, M, D, DV, stride_wm, tau, sqrt_tau, HAS_VALID, PREC,
+                                     BLOCK_K, BLOCK_F, BLOCK_D, BLOCK_DV)
+        g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
+        lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC) + g[None, :]
+        new_row = tl.maximum(row, tl.max(lq, 1))
+        alpha = tl.exp(row - new_row)
+        phi_q = tl.exp(lq - new_row[:, None]) * inv_m
+        kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
+                     mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0) - vkt
+        z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0) - kt_sum
+        if q.dtype == tl.bfloat16:  # |KV| <= S max|v| fits bf16 (not fp16)
+            acc = tl.dot(phi_q.to(q.dtype), kv.to(q.dtype), acc * alpha[:, None], input_precision=PREC)
+        else:
+            acc = tl.dot(phi_q, kv, acc * alpha[:, None], input_precision=FP32_PREC)
+        den = den * alpha + tl.sum(phi_q * z[None, :], 1)
+        row = new_row
+
     for k0 in range(0, TK, BLOCK_K):
         kj, k_ok, k, v = load_key_chunk(k_list, k0, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn,
                                         D, DV, HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
@@ -309,24 +326,6 @@ def full_tile_fwd_kernel(
         acc = tl.dot(exact.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         den = den * alpha + tl.sum(exact, 1)
         row = new_row
-
-    for f0 in range(0, M, BLOCK_F):
-        offs_f = f0 + tl.arange(0, BLOCK_F)
-        f_ok = offs_f < M
-        vkt, kt_sum = tile_key_state(k_list, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn, W, G + state * M,
-                                     f0, M, D, DV, stride_wm, tau, sqrt_tau, HAS_VALID, PREC,
-                                     BLOCK_K, BLOCK_F, BLOCK_D, BLOCK_DV)
-        g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
-        lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-        phi_q = tl.exp(lq + g[None, :] - row[:, None]) * inv_m
-        kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
-                     mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0) - vkt
-        z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0) - kt_sum
-        if q.dtype == tl.bfloat16:  # |KV| <= S max|v| fits bf16 (not fp16)
-            acc = tl.dot(phi_q.to(q.dtype), kv.to(q.dtype), acc, input_precision=PREC)
-        else:
-            acc = tl.dot(phi_q, kv, acc, input_precision=FP32_PREC)
-        den += tl.sum(phi_q * z[None, :], 1)
 
     out = acc / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + qi[:, None].to(tl.int64) * stride_on
@@ -373,8 +372,9 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     bench/kernel_configs.py.
     Full-tile kernels (one LSH round, head dims <= 64; their counts do not depend on the key chunk
     or, for dk/dv, the query chunk, only on the rows per program, which rebuild the tile's state):
-    forward and dq 128 rows with key chunks of 64 and 32 features, dk/dv 128 keys with query
-    chunks of 32; all spill-free on triton 3.6 and 3.9 with 16-bit inputs. IEEE fp32: 64 rows x 16 (forward spill-free,
+    forward 128 rows with key chunks of 64 and 64 features (every dot a warpgroup MMA), dq the same
+    with 32 features (64 spill 80-96 B), dk/dv 128 keys with query chunks of 32; all spill-free on
+    triton 3.6 and 3.9 with 16-bit inputs. IEEE fp32: 64 rows x 16 (forward spill-free,
     dq 16 B), dk/dv 64 keys x 16 queries (16 B).
     fp32 inputs on TF32 tensor cores (fp32_operands) hold twice the bytes per tile: the per-pair
     forward keeps its 16-bit blocks (no spills), the others take smaller ones at D = 64 (triton
@@ -415,7 +415,7 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
             block_k, block_f = min(_pow2(tk), 64), 32
         warps = 8 if block_q >= 128 else 4  # 64 rows on 8 warps spill (local windows: 24 B)
     elif kind in ("full_forward", "full_backward_dq"):  # (head dims <= 64: `KernelTiles.full_tiles`)
-        block_k, block_f = min(_pow2(tk), 64), 32
+        block_k, block_f = min(_pow2(tk), 64), 64 if kind == "full_forward" else 32
         warps = 8 if block_q >= 128 else 4
     elif kind == "full_backward_dkdv":
         block_q, block_k, block_f = min(block_q, 32), min(_pow2(tk), 128), 32
