@@ -214,7 +214,7 @@ def sparse_lowrank_fwd_kernel(
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 phi_q = tl.exp(lq + g[None, :] - new_row[:, None]) * inv_m
-                phi_k = tl.exp(lk - g[None, :])
+                phi_k = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)  # padding keys: k = 0
                 neg_phi_q = (-phi_q).to(q.dtype)
                 corr = tl.dot(neg_phi_q, tl.trans(phi_k.to(q.dtype)), corr, input_precision=PREC)
                 if LOW_RANK_IN_CHUNK:
