@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, feature_logits, load_backward_rows, load_key_chunk, support_mask, tile_and_first_row, tile_key_state,
-    tile_query_state,
+    NEG, feature_logits, load_backward_rows, load_key_chunk, support_mask, tile_and_first_row,
+    outside_key_state, tile_query_state,
 )
 
 from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions, state_blocks
@@ -416,7 +416,6 @@ def full_tile_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     state = (b * (H // GROUP) + hkv).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
     qi, q_ok, q, row, delta, grad = load_backward_rows(
         Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit + q0, TQ - q0, N,
@@ -445,15 +444,12 @@ def full_tile_bwd_dq_kernel(
     for f0 in range(0, M, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         f_ok = offs_f < M
-        vkt, kt_sum = tile_key_state(k_list, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn, W, G + state * M,
-                                     f0, M, D, DV, stride_wm, tau, sqrt_tau, HAS_VALID, PREC,
-                                     BLOCK_K, BLOCK_F, BLOCK_D, BLOCK_DV)
+        kv, z = outside_key_state(k_list, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn, W,
+                                  KV + state * M * DV, Z + state * M, G + state * M, f0, M, D, DV, stride_wm,
+                                  tau, sqrt_tau, HAS_VALID, PREC, BLOCK_K, BLOCK_F, BLOCK_D, BLOCK_DV)
         g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
         lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
         p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
-        kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
-                     mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0) - vkt
-        z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0) - kt_sum
         u = p * (tl.dot(grad, tl.trans(kv), input_precision=FP32_PREC) - delta[:, None] * z[None, :])
         w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                     mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)

@@ -91,14 +91,17 @@ def load_backward_rows(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, S
 
 
 @triton.jit
-def tile_key_state(K_LIST, TK, S, VALID_ROW, k_base, v_base, stride_kn, stride_vn, W, G_ROW, f0, M, D, DV,
-                   stride_wm, tau, sqrt_tau, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """The low-rank state of one tile's key list for features f0 .. f0 + BLOCK_F, in the units of the
-    global state (key_state_kernel): VKt_f = sum_j Kt_jf v_j (BLOCK_F, BLOCK_DV) and
-    kt_sum_f = sum_j Kt_jf, fp32, Kt_jf = exp(l(k_j)_f - g_f) over the list's real keys."""
+def outside_key_state(K_LIST, TK, S, VALID_ROW, k_base, v_base, stride_kn, stride_vn, W, KV_ROW, Z_ROW, G_ROW,
+                      f0, M, D, DV, stride_wm, tau, sqrt_tau, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The low-rank state of the keys outside one tile's key list, features f0 .. f0 + BLOCK_F:
+    KV_f - VKt_f (BLOCK_F, BLOCK_DV) and z_f - kt_sum_f, fp32, where VKt_f = sum_j Kt_jf v_j and
+    kt_sum_f = sum_j Kt_jf over the list's real keys, Kt_jf = exp(l(k_j)_f - g_f), in the units of
+    the global state KV, z (key_state_kernel)."""
     offs_f = f0 + tl.arange(0, BLOCK_F)
-    g = tl.load(G_ROW + offs_f, mask=offs_f < M, other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    f_ok = offs_f < M
+    g = tl.load(G_ROW + offs_f, mask=f_ok, other=0.0)
     vkt = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
     kt_sum = tl.zeros((BLOCK_F,), tl.float32)
     for k0 in range(0, TK, BLOCK_K):
@@ -110,7 +113,9 @@ def tile_key_state(K_LIST, TK, S, VALID_ROW, k_base, v_base, stride_kn, stride_v
         kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
         vkt = tl.dot(tl.trans(kt).to(v.dtype), v, vkt, input_precision=PREC)
         kt_sum += tl.sum(kt, 0)
-    return vkt, kt_sum
+    kv = tl.load(KV_ROW + offs_f[:, None] * DV + offs_dv[None, :], mask=f_ok[:, None] & (offs_dv[None, :] < DV),
+                 other=0.0)
+    return kv - vkt, tl.load(Z_ROW + offs_f, mask=f_ok, other=0.0) - kt_sum
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row, tile_key_state,
+    NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row, outside_key_state,
 )
 
 
@@ -264,7 +264,7 @@ def full_tile_fwd_kernel(
 ):
     """One round whose support is every (real) pair of each tile (one LSH round): the correction
     sum_j C_ij v_j = sum_j exp(s_ij - r_i) v_j - phi_i . VKt factorises over the tile's key state
-    VKt (`tile_key_state`), so
+    VKt (`outside_key_state`), so
         num_i = sum_{j in tile} exp(s_ij - r_i) v_j + phi_i . (KV - VKt),
         den_i = sum_{j in tile} exp(s_ij - r_i) + phi_i . (z - kt_sum):
     exact attention inside the tile plus the low-rank term of the keys outside it, with no
@@ -297,17 +297,14 @@ def full_tile_fwd_kernel(
     for f0 in range(0, M, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         f_ok = offs_f < M
-        vkt, kt_sum = tile_key_state(k_list, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn, W, G + state * M,
-                                     f0, M, D, DV, stride_wm, tau, sqrt_tau, HAS_VALID, PREC,
-                                     BLOCK_K, BLOCK_F, BLOCK_D, BLOCK_DV)
+        kv, z = outside_key_state(k_list, TK, S, valid_row, k_base, v_base, stride_kn, stride_vn, W,
+                                  KV + state * M * DV, Z + state * M, G + state * M, f0, M, D, DV, stride_wm,
+                                  tau, sqrt_tau, HAS_VALID, PREC, BLOCK_K, BLOCK_F, BLOCK_D, BLOCK_DV)
         g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
         lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC) + g[None, :]
         new_row = tl.maximum(row, tl.max(lq, 1))
         alpha = tl.exp(row - new_row)
         phi_q = tl.exp(lq - new_row[:, None]) * inv_m
-        kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
-                     mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0) - vkt
-        z = tl.load(Z + state * M + offs_f, mask=f_ok, other=0.0) - kt_sum
         if q.dtype == tl.bfloat16:  # |KV| <= S max|v| fits bf16 (not fp16)
             acc = tl.dot(phi_q.to(q.dtype), kv.to(q.dtype), acc * alpha[:, None], input_precision=PREC)
         else:
