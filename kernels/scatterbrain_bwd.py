@@ -187,9 +187,9 @@ def sparse_lowrank_bwd_dq_kernel(
     stride_wm,
     stride_qib, stride_qih, stride_qit,
     stride_kib, stride_kih, stride_kit,
+    stride_valid_b,
     stride_qbb, stride_qbh, stride_qbr,
     stride_kbb, stride_kbh, stride_kbr,
-    stride_valid_b,
     stride_dqb, stride_dqh, stride_dqn,
     H, GROUP, N, S, M, D, DV, TQ, TK, ROUND, BAND, tau, sqrt_tau, inv_m,
     HAS_FEATURES: tl.constexpr, ADD_LOW_RANK: tl.constexpr, LOW_RANK_IN_CHUNK: tl.constexpr,
@@ -301,9 +301,9 @@ def sparse_lowrank_bwd_dkdv_kernel(
     stride_wm,
     stride_qib, stride_qih, stride_qit,
     stride_kib, stride_kih, stride_kit,
+    stride_valid_b,
     stride_qbb, stride_qbh, stride_qbr,
     stride_kbb, stride_kbh, stride_kbr,
-    stride_valid_b,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     H, GROUP, N, S, M, D, DV, TQ, TK, ROUND, BAND, tau, sqrt_tau, inv_m,
@@ -624,46 +624,38 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         dq_launch or (None,) * 4, launch_config(kinds[0], tiles.tq, tiles.tk, dim, v_dim, prec, fp32)))
     dkdv_launch = tuple(given or fallback for given, fallback in zip(
         dkdv_launch or (None,) * 4, launch_config(kinds[1], tiles.tq, tiles.tk, dim, v_dim, prec, fp32)))
+    def strides(qi, kj):  # the arguments both paths' kernels share, in their order
+        return (q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                grad.stride(0), grad.stride(1), grad.stride(2),
+                stab.stride(0), stab.stride(1),
+                w_arg.stride(0),
+                qi.stride(0), qi.stride(1), qi.stride(2),
+                kj.stride(0), kj.stride(1), kj.stride(2),
+                valid_stride)
+
     if full:
         qi, kj = tiles.q_index[:, :, 0], tiles.k_index[:, :, 0]
-        strides = (q.stride(0), q.stride(1), q.stride(2),
-                   k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2),
-                   grad.stride(0), grad.stride(1), grad.stride(2),
-                   stab.stride(0), stab.stride(1),
-                   w.stride(0),
-                   qi.stride(0), qi.stride(1), qi.stride(2),
-                   kj.stride(0), kj.stride(1), kj.stride(2),
-                   valid_stride)
         sizes = (heads, group, n_q, n_k, m, dim, v_dim, tiles.tq, tiles.tk, tau, sqrt_tau, inv_m)
         flags = dict(HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
                      BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim))
         bq, bk, bf, warps = dq_launch
         full_tile_bwd_dq_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, bq), batch * heads)](
-            q, k, v, w, kv, z, g, grad, inv_den, delta, stab, qi, kj, valid, dq, *strides,
+            q, k, v, w, kv, z, g, grad, inv_den, delta, stab, qi, kj, valid, dq, *strides(qi, kj),
             dq.stride(0), dq.stride(1), dq.stride(2), *sizes,
             BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
         )
         bq, bk, bf, warps = dkdv_launch
         full_tile_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * heads)](
-            q, k, v, w, g, grad, inv_den, delta, stab, qi, kj, valid, dk, dv, *strides,
+            q, k, v, w, g, grad, inv_den, delta, stab, qi, kj, valid, dk, dv, *strides(qi, kj),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), *sizes,
             BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
-    common_strides = lambda qi, kj: (  # noqa: E731
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        stab.stride(0), stab.stride(1),
-        w_arg.stride(0),
-        qi.stride(0), qi.stride(1), qi.stride(2),
-        kj.stride(0), kj.stride(1), kj.stride(2),
-        tiles.q_bucket.stride(0), tiles.q_bucket.stride(1), tiles.q_bucket.stride(2),
-        tiles.k_bucket.stride(0), tiles.k_bucket.stride(1), tiles.k_bucket.stride(2),
-        valid_stride)
+    bucket_strides = (tiles.q_bucket.stride(0), tiles.q_bucket.stride(1), tiles.q_bucket.stride(2),
+                      tiles.k_bucket.stride(0), tiles.k_bucket.stride(1), tiles.k_bucket.stride(2))
     sizes = lambda r: (heads, group, n_q, n_k, m, dim, v_dim, tiles.tq, tiles.tk, r, tiles.band,  # noqa: E731
                        tau, sqrt_tau, inv_m)
     for r in range(tiles.n_rounds):
@@ -673,7 +665,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         bq, bk, bf, warps = dq_launch
         sparse_lowrank_bwd_dq_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, bq), batch * heads)](
             q, k, v, w_arg, kv, z, g, grad, inv_den, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
-            dq_acc, dq, *common_strides(qi, kj),
+            dq_acc, dq, *strides(qi, kj), *bucket_strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
             *sizes(r),
             HAS_FEATURES=has_features, ADD_LOW_RANK=has_features and r == 0,
@@ -686,7 +678,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         bq, bk, bf, warps = dkdv_launch
         sparse_lowrank_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * heads)](
             q, k, v, w_arg, g, grad, inv_den, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
-            dk, dv, *common_strides(qi, kj),
+            dk, dv, *strides(qi, kj), *bucket_strides,
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             *sizes(r),
