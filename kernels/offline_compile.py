@@ -159,7 +159,8 @@ def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backwar
         w = None if p.feature_matrix is None else p.feature_matrix.to(dtype)
         state = None
         if w is not None:
-            state = scatterbrain_fwd.key_state(k, v, w, p.key_valid, math.sqrt(p.scale))
+            # several key splits, so that the merge kernel runs (one split, n <= 1024, skips it)
+            state = scatterbrain_fwd.key_state(k, v, w, p.key_valid, math.sqrt(p.scale), keys_per_split=128)
             state = tuple(torch.zeros_like(t) for t in state)
         out, den, stab = scatterbrain_fwd.sparse_lowrank_forward(
             q, k, v, w, state, p.plan, tau=p.scale, key_valid=p.key_valid, out_dtype=dtype, **(forward or {})

@@ -15,8 +15,10 @@ Kernels:
   * row_delta_kernel: 1 / den_i (0 for a row without keys) and delta_i = (dO_i . O_i) / den_i (G
     itself is never stored: every kernel forms G_i = dO_i / den_i from the upstream gradient as it
     loads it);
-  * query_state_kernel: QG and qd (split over queries, partial sums added on the host);
-  * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv);
+  * query_state_kernel: QG and qd per query head (split over queries, partial sums added on the host);
+  * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv), with QG, qd
+    summed over each key/value head's group; per-pair path only (the full-tile dk/dv kernel adds
+    these terms itself);
   * per tile of a round, two kernels (as flash attention's backward, so that neither carries the
     other side's accumulators through its feature loop):
     - sparse_lowrank_bwd_dq_kernel: BLOCK_Q query rows over the tile's keys in chunks: dq's support
@@ -32,8 +34,9 @@ Kernels:
     tile factorise through its key state VKt_f = sum_j Kt_jf v_j, kt_sum_f (for dq) and its query
     state PG_f = sum_i P_if G_i, Pd_f = sum_i P_if delta_i (for dk, dv):
       u_if = P_if (G_i . (KV_f - VKt_f) - delta_i (z_f - kt_sum_f)),
-      dv_j = sum_i E_ij G_i - Kt_j . PG (+ the global low-rank term),  u_jf = -Kt_jf (v_j . PG_f - Pd_f),
-    so no (queries x keys) x features product is formed.
+      dv_j = sum_i E_ij G_i + Kt_j . (QG - PG),  u_jf = Kt_jf (v_j . (QG_f - PG_f) - (qd_f - Pd_f)),
+    so no (queries x keys) x features product is formed, and the low-rank terms of all queries come
+    with them (the global QG, qd added once per key and head: by the first tile of its bucket).
 Everything is recomputed from q, k, v, W and the saved (den, r); nothing of size N x m is stored,
 and no fp32 copy of dO or of dq (with one round) is made.
 """
@@ -46,7 +49,7 @@ import triton.language as tl
 
 from .scatterbrain_common import (
     NEG, feature_logits, load_backward_rows, load_key_chunk, support_mask, tile_and_first_row,
-    outside_key_state, tile_query_state,
+    outside_key_state, outside_query_state,
 )
 
 from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions, state_blocks
@@ -463,7 +466,7 @@ def full_tile_bwd_dq_kernel(
 
 @triton.jit
 def full_tile_bwd_dkdv_kernel(
-    Q, K, V, W, G, GRAD_OUT, INV_DEN, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, DK, DV_OUT,
+    Q, K, V, W, G, QG, QD, GRAD_OUT, INV_DEN, DELTA, STAB, Q_INDEX, K_INDEX, KEY_VALID, DK, DV_OUT,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -480,12 +483,15 @@ def full_tile_bwd_dkdv_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """The support terms of dk and dv for BLOCK_K keys of a tile whose pairs are all in the support
-    (one round): with the tile's query state PG_f = sum_i P_if G_i, Pd_f = sum_i P_if delta_i
-    (`tile_query_state`), dv_j = sum_i E_ij G_i - Kt_j . PG and
-    u_jf = -Kt_jf (v_j . PG_f - Pd_f). The exact part over the query chunks (tiles held
-    transposed), then the low-rank part feature block by feature block; added in fp32 once
-    (atomics: a key may sit in several tiles and serves every head of its group)."""
+    """dk and dv for BLOCK_K keys of a tile whose pairs are all in the support (one round), for one
+    query head, low-rank term included: with the state of the queries outside the tile,
+    QG_f - PG_f and qd_f - Pd_f (this head's global QG, qd less the tile's own PG_f = sum_i P_if G_i,
+    Pd_f = sum_i P_if delta_i, `tile_query_state`),
+      dv_j = sum_i E_ij G_i + Kt_j . (QG - PG),  u_jf = Kt_jf (v_j . (QG_f - PG_f) - (qd_f - Pd_f)).
+    The exact part over the query chunks (tiles held transposed), then the low-rank part feature
+    block by feature block; added in fp32 once (atomics: every head of the group adds). With key
+    padding a bucket may serve several consecutive tiles (identical key lists, so the same first
+    key); only the first of them adds the global QG, qd, so each key gets them once per head."""
     pid_t, k0 = tile_and_first_row(TK, BLOCK_K)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -495,13 +501,14 @@ def full_tile_bwd_dkdv_kernel(
     state = (b * (H // GROUP) + hkv).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    k_list = K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit
     kj, k_ok, k, v = load_key_chunk(
-        K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit, k0, TK, S,
-        KEY_VALID + b * stride_valid_b, K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh,
+        k_list, k0, TK, S, KEY_VALID + b * stride_valid_b, K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh,
         V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh, stride_kn, stride_vn, D, DV,
         HAS_VALID, BLOCK_K, BLOCK_D, BLOCK_DV)
     kf = k.to(tl.float32)
     k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
+    first_of_bucket = (pid_t == 0) | (tl.load(k_list) != tl.load(k_list - stride_kit, mask=pid_t > 0, other=-1))
     q_list = Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
     grad_base = GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh
@@ -525,14 +532,16 @@ def full_tile_bwd_dkdv_kernel(
     for f0 in range(0, M, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         f_ok = offs_f < M
-        pg, pd = tile_query_state(q_list, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB + stat_base,
-                                  DELTA + stat_base, INV_DEN + stat_base, W, G + state * M, f0, M, D, DV,
-                                  stride_wm, tau, sqrt_tau, inv_m, PREC, BLOCK_Q, BLOCK_F, BLOCK_D, BLOCK_DV)
+        qg, qd = outside_query_state(q_list, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB + stat_base,
+                                     DELTA + stat_base, INV_DEN + stat_base, W, G + state * M,
+                                     QG + pid_bh.to(tl.int64) * M * DV, QD + pid_bh.to(tl.int64) * M,
+                                     first_of_bucket, f0, M, D, DV, stride_wm, tau, sqrt_tau, inv_m, PREC,
+                                     BLOCK_Q, BLOCK_F, BLOCK_D, BLOCK_DV)
         g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
         lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
         kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
-        dv = tl.dot(-kt, pg, dv, input_precision=FP32_PREC)
-        u = -kt * (tl.dot(v.to(tl.float32), tl.trans(pg), input_precision=FP32_PREC) - pd[None, :])
+        dv = tl.dot(kt, qg, dv, input_precision=FP32_PREC)
+        u = kt * (tl.dot(v.to(tl.float32), tl.trans(qg), input_precision=FP32_PREC) - qd[None, :])
         w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                     mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         dk = tl.dot((u * sqrt_tau).to(w.dtype), w, dk, input_precision=PREC)
@@ -583,6 +592,8 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     dv = torch.zeros(batch, kv_heads, n_k, v_dim, device=device, dtype=torch.float32)
     valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dk
     valid_stride = valid.stride(0) if key_valid is not None else 0
+    tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
+    full = tiles.full_tiles(has_features, dim, v_dim)  # one round, every pair of a tile in the support
 
     if has_features:
         kv, z, g = state
@@ -598,26 +609,27 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             rows_per_split, tau, sqrt_tau, inv_m,
             PREC=prec, BLOCK_N=block_s, BLOCK_F=query_block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
         )
-        qg = qg_part.sum(1).reshape(batch, kv_heads, group, m, v_dim).sum(2).reshape(-1, m, v_dim).contiguous()
-        qd = qd_part.sum(1).reshape(batch, kv_heads, group, m).sum(2).reshape(-1, m).contiguous()
-        key_lowrank_bwd_kernel[(triton.cdiv(n_k, block_s), batch * kv_heads)](
-            k, v, w, g, qg, qd, valid, dk, dv,
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            w.stride(0), valid_stride, kv_heads, n_k, m, dim, v_dim, tau, sqrt_tau,
-            HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
-            BLOCK_S=block_s, BLOCK_F=key_block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
-        )
+        if full:  # per query head: the full-tile dk/dv kernel adds the low-rank term itself
+            qg, qd = (qg_part[:, 0], qd_part[:, 0]) if n_splits == 1 else (qg_part.sum(1), qd_part.sum(1))
+        else:  # per key/value head, for key_lowrank_bwd_kernel
+            qg = qg_part.sum(1).reshape(batch, kv_heads, group, m, v_dim).sum(2).reshape(-1, m, v_dim).contiguous()
+            qd = qd_part.sum(1).reshape(batch, kv_heads, group, m).sum(2).reshape(-1, m).contiguous()
+            key_lowrank_bwd_kernel[(triton.cdiv(n_k, block_s), batch * kv_heads)](
+                k, v, w, g, qg, qd, valid, dk, dv,
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                w.stride(0), valid_stride, kv_heads, n_k, m, dim, v_dim, tau, sqrt_tau,
+                HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
+                BLOCK_S=block_s, BLOCK_F=key_block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
+            )
     else:
         kv = z = g = dk  # unused pointers
     w_arg = w if has_features else dk
 
-    tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
     # dq: each query sits in exactly one tile per round, so the last round writes it in q's dtype;
     # an fp32 accumulator carries the earlier rounds (none with one round)
     dq = torch.empty(batch, heads, n_q, dim, device=device, dtype=q.dtype)
     dq_acc = dq if tiles.n_rounds == 1 else torch.empty(batch, heads, n_q, dim, device=device, dtype=torch.float32)
-    full = tiles.full_tiles(has_features, dim, v_dim)  # one round, every pair of a tile in the support
     fp32 = q.dtype == torch.float32
     kinds = ("full_backward_dq", "full_backward_dkdv") if full else ("backward_dq", "backward_dkdv")
     dq_launch = tuple(given or fallback for given, fallback in zip(
@@ -648,7 +660,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         )
         bq, bk, bf, warps = dkdv_launch
         full_tile_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * heads)](
-            q, k, v, w, g, grad, inv_den, delta, stab, qi, kj, valid, dk, dv, *strides(qi, kj),
+            q, k, v, w, g, qg, qd, grad, inv_den, delta, stab, qi, kj, valid, dk, dv, *strides(qi, kj),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), *sizes,
             BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,

@@ -119,14 +119,19 @@ def outside_key_state(K_LIST, TK, S, VALID_ROW, k_base, v_base, stride_kn, strid
 
 
 @triton.jit
-def tile_query_state(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW,
-                     W, G_ROW, f0, M, D, DV, stride_wm, tau, sqrt_tau, inv_m, PREC: tl.constexpr,
-                     BLOCK_Q: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """The backward's low-rank state of one tile's query list for features f0 .. f0 + BLOCK_F:
-    PG_f = sum_i P_if G_i (BLOCK_F, BLOCK_DV) and Pd_f = sum_i P_if delta_i, fp32, with
-    P_if = exp(l(q_i)_f + g_f - r_i) / m and G_i = dO_i / den_i (as query_state_kernel, per tile)."""
+def outside_query_state(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW,
+                        W, G_ROW, QG_ROW, QD_ROW, ADD_GLOBAL, f0, M, D, DV, stride_wm, tau, sqrt_tau, inv_m,
+                        PREC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DV: tl.constexpr):
+    """The backward's low-rank query state less one tile's own, features f0 .. f0 + BLOCK_F:
+    QG_f - PG_f (BLOCK_F, BLOCK_DV) and qd_f - Pd_f, fp32, where PG_f = sum_i P_if G_i and
+    Pd_f = sum_i P_if delta_i over the tile's real queries, P_if = exp(l(q_i)_f + g_f - r_i) / m,
+    G_i = dO_i / den_i, and QG, qd are the sums over all queries of the head (query_state_kernel),
+    read only where ADD_GLOBAL (a scalar bool; else -PG_f and -Pd_f)."""
     offs_f = f0 + tl.arange(0, BLOCK_F)
-    g = tl.load(G_ROW + offs_f, mask=offs_f < M, other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    f_ok = offs_f < M
+    g = tl.load(G_ROW + offs_f, mask=f_ok, other=0.0)
     pg = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
     pd = tl.zeros((BLOCK_F,), tl.float32)
     for q0 in range(0, TQ, BLOCK_Q):
@@ -139,4 +144,7 @@ def tile_query_state(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, STA
         p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
         pg = tl.dot(tl.trans(p).to(q.dtype), grad.to(q.dtype), pg, input_precision=PREC)
         pd += tl.sum(p * delta[:, None], 0)
-    return pg, pd
+    qg = tl.load(QG_ROW + offs_f[:, None] * DV + offs_dv[None, :], mask=f_ok[:, None] & (offs_dv[None, :] < DV),
+                 other=0.0)
+    qd = tl.load(QD_ROW + offs_f, mask=f_ok, other=0.0)
+    return tl.where(ADD_GLOBAL, qg, 0.0) - pg, tl.where(ADD_GLOBAL, qd, 0.0) - pd

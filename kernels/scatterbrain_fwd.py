@@ -91,6 +91,8 @@ def key_state_kernel(
     offs_f = f0 + tl.arange(0, BLOCK_F)
     f_ok = offs_f < M
     part = (pid_bh * n_splits + pid_split).to(tl.int64)
+    if n_splits == 1:  # the final state, as combine_key_state_kernel would make it: g = 0 without real keys
+        run_max = tl.where(run_max > NEG * 0.5, run_max, 0.0)
     tl.store(MAX_PART + part * M + offs_f, run_max, mask=f_ok)
     tl.store(Z_PART + part * M + offs_f, z_acc, mask=f_ok)
     tl.store(KV_PART + part * M * DV + offs_f[:, None] * DV + offs_dv[None, :], acc,
@@ -376,8 +378,8 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     fp32 inputs on TF32 tensor cores (fp32_operands) hold twice the bytes per tile: the per-pair
     forward keeps its 16-bit blocks (no spills), the others take smaller ones at D = 64 (triton
     3.6): full-tile forward and dq 64 x 64 with 16 features (none), dk/dv 128 keys over 16-query
-    chunks (16 B full-tile, none per-pair), per-pair dq 32 x 64 (40 B; 200-340 B on the 16-bit
-    blocks).
+    chunks (24 B full-tile, none per-pair; 64 keys would not spill but rebuild each tile's query
+    state twice), per-pair dq 32 x 64 (40 B; 200-340 B on the 16-bit blocks).
     IEEE fp32 dots (FMA, no tensor cores) spill at every size tried; the least: 32 x 32 tiles
     forward (536 B at D = 64, against 9 KB with the bf16 default), dq 64 x 16 with 8 warps (16 B),
     dk/dv 16 keys x 32 queries (32 B).
@@ -476,6 +478,8 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=None, block_f=None, keys_
         HAS_VALID=key_valid is not None, PREC=prec,
         BLOCK_S=block_s, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
     )
+    if n_splits == 1:  # (N <= keys_per_split) the kernel wrote the final state
+        return kv_part[:, 0], z_part[:, 0], max_part[:, 0]
     kv, z, g = torch.empty_like(kv_part[:, 0]), torch.empty_like(z_part[:, 0]), torch.empty_like(z_part[:, 0])
     combine_key_state_kernel[(bh, triton.cdiv(m, block_f))](
         kv_part, z_part, max_part, kv, z, g, n_splits, m, v_dim, BLOCK_F=block_f, BLOCK_DV=_pow2(v_dim))

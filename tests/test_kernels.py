@@ -145,9 +145,11 @@ def test_backend_errors_and_auto_choice(monkeypatch):
     assert torch.isfinite(sa.scatterbrain_attention(x, x, x, seed=3, bucket_size=8, is_causal=True)).all()
 
 
-def test_decoding_shapes_few_queries_many_keys():
-    # 3 queries against 100 keys in buckets of 16: the few-queries LSH plan (tile per key bucket)
-    check(torch.float32, 2, 4, 2, 3, 100, 16, dict(sparse="lsh", bucket_size=16, n_hashes=2), padded=True)
+@pytest.mark.parametrize("n_hashes", [1, 2])
+def test_decoding_shapes_few_queries_many_keys(n_hashes):
+    # 3 queries against 100 keys in buckets of 16: the few-queries LSH plan (tile per key bucket,
+    # most tiles without queries; one round runs the full-tile kernels, two the per-pair ones)
+    check(torch.float32, 2, 4, 2, 3, 100, 16, dict(sparse="lsh", bucket_size=16, n_hashes=n_hashes), padded=True)
 
 
 @pytest.mark.parametrize("name", ["lsh", "lsh-2-rounds", "local"])
@@ -251,10 +253,41 @@ def test_one_chunk_forward_equals_chunked_forward():
             assert rel(one_chunk, chunked) < 1e-6
 
 
-def test_full_tile_kernels_equal_per_pair_kernels(monkeypatch):
+def test_backward_independent_of_the_query_splits():
+    """The backward's global query state QG, qd summed from splits of 16 query rows equals one split
+    over all rows (used as it is, without the sum), for one round (the full-tile dk/dv kernel reads it
+    per query head) and two (the per-key low-rank kernel reads it per key/value head), to fp32
+    rounding."""
+    from scatterattn.kernels import scatterbrain_bwd as bwd
+    from scatterattn.kernels import scatterbrain_fwd as fwd
+
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 70, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, 2, 61, 16, generator=gen).to(DEVICE) for _ in range(2))
+    grad_out = torch.randn(2, 4, 70, 16, generator=gen).to(DEVICE)
+    valid = torch.ones(2, 61, dtype=torch.bool, device=DEVICE)
+    valid[1, 40:] = False
+    for rounds in (1, 2):
+        prepared = sa.functional.prepare_call(q, k, v, num_features=24, bucket_size=32, n_hashes=rounds,
+                                              key_padding_mask=~valid, seed=rounds)
+        w, tau = prepared.feature_matrix, prepared.scale
+        state = fwd.key_state(k, v, w, valid, tau ** 0.5)
+        out, den, stab = fwd.sparse_lowrank_forward(q, k, v, w, state, prepared.plan, tau=tau, key_valid=valid,
+                                                    out_dtype=q.dtype)
+        results = [bwd.sparse_lowrank_backward(q, k, v, out, grad_out, w, state, prepared.plan, den, stab, tau=tau,
+                                               key_valid=valid, rows_per_split=rows)
+                   for rows in (1024, 16)]
+        for one_split, split in zip(*results):
+            assert rel(one_split, split) < 1e-6
+
+
+@pytest.mark.parametrize("bucket_size", [32, 16])
+def test_full_tile_kernels_equal_per_pair_kernels(monkeypatch, bucket_size):
     """One LSH round: the full-tile kernels (the correction factorised over each tile's key and query
-    state) and the per-pair kernels on the same plan give the same output and gradients to fp32
-    rounding (padding, grouped heads, a partial last tile, several query and key chunks)."""
+    state, the dk/dv kernel adding the global low-rank term too) and the per-pair kernels on the same
+    plan give the same output and gradients to fp32 rounding (padding, grouped heads, a partial last
+    tile, several query and key chunks; with buckets of 16 the padded batch element has 3 buckets of
+    real keys for 4 query chunks, so one bucket serves two tiles and must add the global term once)."""
     import functools
 
     from scatterattn.kernels import scatterbrain_bwd, scatterbrain_fwd
@@ -262,7 +295,7 @@ def test_full_tile_kernels_equal_per_pair_kernels(monkeypatch):
     small = (32, 16, 16, 4)
     monkeypatch.setattr(scatterbrain_bwd, "sparse_lowrank_backward",
                         functools.partial(scatterbrain_bwd.sparse_lowrank_backward, dkdv_launch=small))
-    settings = dict(sparse="lsh", bucket_size=32, num_features=24)
+    settings = dict(sparse="lsh", bucket_size=bucket_size, num_features=24)
     chosen, full_tiles = [], scatterbrain_fwd.KernelTiles.full_tiles
     monkeypatch.setattr(scatterbrain_fwd.KernelTiles, "full_tiles",
                         lambda self, *args: chosen.append(full_tiles(self, *args)) or chosen[-1])
@@ -298,18 +331,22 @@ def test_fp16_low_rank_state_beyond_fp16_range():
 
 def test_key_state_independent_of_the_key_splits():
     """KV, z and g merged from splits of 16 keys (with a split of padding only) equal one split
-    over all keys, to fp32 rounding."""
+    over all keys (which skips the merge kernel), to fp32 rounding; a batch element without real keys
+    gets g = 0 and an empty state either way."""
     from scatterattn.kernels import scatterbrain_fwd as fwd
 
     gen = torch.Generator().manual_seed(5)
-    k, v = (torch.randn(2, 2, 61, 16, generator=gen).to(DEVICE) for _ in range(2))
+    k, v = (torch.randn(3, 2, 61, 16, generator=gen).to(DEVICE) for _ in range(2))
     w = draw_feature_matrix(24, 16, generator=gen).to(DEVICE)
-    valid = torch.ones(2, 61, dtype=torch.bool, device=DEVICE)
+    valid = torch.ones(3, 61, dtype=torch.bool, device=DEVICE)
     valid[1, 30:] = False  # batch 1: its last two splits of 16 hold no real key
+    valid[2] = False
     whole = fwd.key_state(k, v, w, valid, 0.5, block_s=16, keys_per_split=64)
     split = fwd.key_state(k, v, w, valid, 0.5, block_s=16, keys_per_split=16)
     for a, b in zip(whole, split):
-        assert rel(a, b) < 1e-6
+        assert rel(a[:4], b[:4]) < 1e-6  # states (batch, kv head): batch 0 and 1
+        assert (a[4:] == 0).all() and (b[4:] == 0).all()
+    assert (whole[2][:4] != 0).any()
 
 
 def test_fp32_dots_follow_torch_tf32_setting():

@@ -198,6 +198,34 @@ def test_lsh_padded_keys_are_never_in_the_support():
     assert (counts == 8).float().mean() > 0.7
 
 
+
+@pytest.mark.parametrize("n_q", [50, 3])  # rank quantiles, and the few-queries plan
+def test_one_round_lsh_key_lists_are_disjoint_or_repeat_the_previous_tile(n_q):
+    """What the full-tile dk/dv kernel relies on to add each key's global low-rank term once: in a
+    one-round LSH plan every key position sits in exactly one distinct key list, and a tile whose list
+    is not the previous tile's shares no key with any earlier tile (key padding repeats a bucket's
+    list over consecutive tiles; the kernel compares first entries)."""
+    q, k, _ = make_qkv(batch=2, heads=4, kv_heads=2, n_q=n_q, n_k=50)
+    kpm = padding_mask(2, 50)
+    for mask in (None, kpm):
+        plan = sa.functional.prepare_call(q, k, k, num_features=8, bucket_size=8, key_padding_mask=mask,
+                                          seed=0).plan
+        k_index = plan.k_index[:, :, 0].expand(2, 2, -1, -1)  # (B, Hkv, T, tk)
+        repeats = 0
+        for b, h in ((b, h) for b in range(2) for h in range(2)):
+            lists, seen = k_index[b, h], set()
+            for t, keys in enumerate(lists.tolist()):
+                if t > 0 and keys[0] == lists[t - 1, 0]:
+                    assert keys == lists[t - 1].tolist()
+                    repeats += 1
+                    continue
+                assert not seen & set(keys) - {50}
+                seen |= set(keys)
+            real = set(range(50)) if mask is None else set((~mask[b]).nonzero().flatten().tolist())
+            assert real <= seen  # (lists past the real keys' buckets hold padding only, unattended)
+        # repeats only with padding and rank quantiles (the few-queries plan's tiles are the buckets)
+        assert (repeats > 0) == (mask is not None and n_q == 50)
+
 # ---------------------------------------------------------------- random features
 
 
