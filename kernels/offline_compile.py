@@ -131,13 +131,16 @@ SCATTERBRAIN_CASES = {
     "lsh": dict(sparse="lsh", bucket_size=128, n_hashes=1, num_features=256),
     "local": dict(sparse="local", window=128, num_features=256),
     "lsh-only": dict(sparse="lsh", bucket_size=64, num_features=0),
+    # one query head per key/value head, no padding: the full-tile dk/dv kernel writes dk, dv once
+    "lsh-mha": dict(sparse="lsh", bucket_size=128, n_hashes=1, num_features=256, kv_heads=4, padded=False),
 }
 
 
 def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backward=None):
     """Run the Scatterbrain launchers (key state, forward, backward) on a small input of `settings`
-    with every kernel recorded; forward / backward: extra keyword arguments of the launchers
-    (block sizes, num_warps). Returns the recorders of the kernels the launchers launched."""
+    (4 query heads over `kv_heads` key/value heads, 2 by default, and the last 7 keys padding unless
+    `padded` is False) with every kernel recorded; forward / backward: extra keyword arguments of the
+    launchers (block sizes, num_warps). Returns the recorders of the kernels the launchers launched."""
     import math
 
     from scatterattn import functional
@@ -149,12 +152,16 @@ def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backwar
                  "full_tile_bwd_dq_kernel", "full_tile_bwd_dkdv_kernel", "query_state_kernel", "key_lowrank_bwd_kernel"]
     fwd_rec, bwd_rec = record(scatterbrain_fwd, fwd_names), record(scatterbrain_bwd, bwd_names)
     try:
+        settings = dict(settings)
+        kv_heads, padded = settings.pop("kv_heads", 2), settings.pop("padded", True)
         gen = torch.Generator().manual_seed(0)
         q = torch.randn(1, 4, n, dim, generator=gen).to(dtype)
-        k = torch.randn(1, 2, n, dim, generator=gen).to(dtype)
-        v = torch.randn(1, 2, n, dim, generator=gen).to(dtype)
-        kpm = torch.zeros(1, n, dtype=torch.bool)
-        kpm[0, -7:] = True
+        k = torch.randn(1, kv_heads, n, dim, generator=gen).to(dtype)
+        v = torch.randn(1, kv_heads, n, dim, generator=gen).to(dtype)
+        kpm = None
+        if padded:
+            kpm = torch.zeros(1, n, dtype=torch.bool)
+            kpm[0, -7:] = True
         p = functional.prepare_call(q, k, v, key_padding_mask=kpm, seed=0, **settings)
         w = None if p.feature_matrix is None else p.feature_matrix.to(dtype)
         state = None

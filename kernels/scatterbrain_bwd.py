@@ -38,7 +38,9 @@ Kernels:
     so no (queries x keys) x features product is formed, and the low-rank terms of all queries come
     with them (the global QG, qd added once per key and head: by the first tile of its bucket).
 Everything is recomputed from q, k, v, W and the saved (den, r); nothing of size N x m is stored,
-and no fp32 copy of dO or of dq (with one round) is made.
+and no fp32 copy of dO or of dq (with one round) is made; nor of dk, dv when the full-tile dk/dv
+kernel writes them once (one query head per key/value head, no key padding): elsewhere they are
+added atomically into fp32 buffers.
 """
 
 import math
@@ -479,7 +481,7 @@ def full_tile_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     H, GROUP, N, S, M, D, DV, TQ, TK, tau, sqrt_tau, inv_m,
-    HAS_VALID: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
+    HAS_VALID: tl.constexpr, ACCUMULATE: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -489,9 +491,11 @@ def full_tile_bwd_dkdv_kernel(
     Pd_f = sum_i P_if delta_i, `tile_query_state`),
       dv_j = sum_i E_ij G_i + Kt_j . (QG - PG),  u_jf = Kt_jf (v_j . (QG_f - PG_f) - (qd_f - Pd_f)).
     The exact part over the query chunks (tiles held transposed), then the low-rank part feature
-    block by feature block; added in fp32 once (atomics: every head of the group adds). With key
-    padding a bucket may serve several consecutive tiles (identical key lists, so the same first
-    key); only the first of them adds the global QG, qd, so each key gets them once per head."""
+    block by feature block. ACCUMULATE: added in fp32 (atomics: every head of the group adds, and with
+    key padding a bucket may serve several consecutive tiles -- identical key lists, so the same first
+    key -- of which only the first adds the global QG, qd, so each key gets them once per head); else
+    (one query head per key/value head, no padding: every key in exactly one program) written once
+    in the output dtype."""
     pid_t, k0 = tile_and_first_row(TK, BLOCK_K)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -548,10 +552,16 @@ def full_tile_bwd_dkdv_kernel(
         uk_sum += tl.sum(u, 1)
     dk -= kf * (uk_sum * tau)[:, None]
     k_rows = kj[:, None].to(tl.int64)
-    tl.atomic_add(DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + k_rows * stride_dkn + offs_d[None, :],
-                  dk, mask=k_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
-    tl.atomic_add(DV_OUT + b64 * stride_dvb + hkv.to(tl.int64) * stride_dvh + k_rows * stride_dvn + offs_dv[None, :],
-                  dv, mask=k_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+    dk_ptr = DK + b64 * stride_dkb + hkv.to(tl.int64) * stride_dkh + k_rows * stride_dkn + offs_d[None, :]
+    dv_ptr = DV_OUT + b64 * stride_dvb + hkv.to(tl.int64) * stride_dvh + k_rows * stride_dvn + offs_dv[None, :]
+    dk_mask = k_ok[:, None] & (offs_d[None, :] < D)
+    dv_mask = k_ok[:, None] & (offs_dv[None, :] < DV)
+    if ACCUMULATE:
+        tl.atomic_add(dk_ptr, dk, mask=dk_mask, sem="relaxed")
+        tl.atomic_add(dv_ptr, dv, mask=dv_mask, sem="relaxed")
+    else:  # this program is the only one to see its keys: written once, in the output dtype
+        tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=dk_mask)
+        tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=dv_mask)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -588,12 +598,20 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         out.stride(0), out.stride(1), out.stride(2), heads, n_q, v_dim,
         BLOCK_N=block_s, BLOCK_DV=_pow2(v_dim),
     )
-    dk = torch.zeros(batch, kv_heads, n_k, dim, device=device, dtype=torch.float32)
-    dv = torch.zeros(batch, kv_heads, n_k, v_dim, device=device, dtype=torch.float32)
-    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dk
-    valid_stride = valid.stride(0) if key_valid is not None else 0
     tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
     full = tiles.full_tiles(has_features, dim, v_dim)  # one round, every pair of a tile in the support
+    # full tiles with one query head per key/value head and no padding: each key sits in exactly one
+    # dk/dv program (a round's key lists partition the keys), which writes dk, dv once in k's dtype;
+    # otherwise the kernels add into fp32 buffers
+    write_once = full and group == 1 and key_valid is None
+    if write_once:
+        dk = torch.empty(batch, kv_heads, n_k, dim, device=device, dtype=k.dtype)
+        dv = torch.empty(batch, kv_heads, n_k, v_dim, device=device, dtype=v.dtype)
+    else:
+        dk = torch.zeros(batch, kv_heads, n_k, dim, device=device, dtype=torch.float32)
+        dv = torch.zeros(batch, kv_heads, n_k, v_dim, device=device, dtype=torch.float32)
+    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dk
+    valid_stride = valid.stride(0) if key_valid is not None else 0
 
     if has_features:
         kv, z, g = state
@@ -663,9 +681,9 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             q, k, v, w, g, qg, qd, grad, inv_den, delta, stab, qi, kj, valid, dk, dv, *strides(qi, kj),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), *sizes,
-            BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
+            ACCUMULATE=not write_once, BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
         )
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)  # (no copy when written once)
     bucket_strides = (tiles.q_bucket.stride(0), tiles.q_bucket.stride(1), tiles.q_bucket.stride(2),
                       tiles.k_bucket.stride(0), tiles.k_bucket.stride(1), tiles.k_bucket.stride(2))
     sizes = lambda r: (heads, group, n_q, n_k, m, dim, v_dim, tiles.tq, tiles.tk, r, tiles.band,  # noqa: E731

@@ -378,7 +378,7 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     fp32 inputs on TF32 tensor cores (fp32_operands) hold twice the bytes per tile: the per-pair
     forward keeps its 16-bit blocks (no spills), the others take smaller ones at D = 64 (triton
     3.6): full-tile forward and dq 64 x 64 with 16 features (none), dk/dv 128 keys over 16-query
-    chunks (24 B full-tile, none per-pair; 64 keys would not spill but rebuild each tile's query
+    chunks (24 B full-tile, 32 B when it writes dk/dv once, none per-pair; 64 keys would not spill but rebuild each tile's query
     state twice), per-pair dq 32 x 64 (40 B; 200-340 B on the 16-bit blocks).
     IEEE fp32 dots (FMA, no tensor cores) spill at every size tried; the least: 32 x 32 tiles
     forward (536 B at D = 64, against 9 KB with the bf16 default), dq 64 x 16 with 8 warps (16 B),

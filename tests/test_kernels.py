@@ -145,6 +145,12 @@ def test_backend_errors_and_auto_choice(monkeypatch):
     assert torch.isfinite(sa.scatterbrain_attention(x, x, x, seed=3, bucket_size=8, is_causal=True)).all()
 
 
+def test_full_tile_gradients_written_once_in_half_precision():
+    """One LSH round, one query head per key/value head, no padding: the dk/dv kernel writes each
+    key's gradients once in fp16 (no fp32 buffer, no atomics), against the float64 reference."""
+    check(torch.float16, 2, 4, 4, 70, 61, 16, SETTINGS["lsh"])
+
+
 @pytest.mark.parametrize("n_hashes", [1, 2])
 def test_decoding_shapes_few_queries_many_keys(n_hashes):
     # 3 queries against 100 keys in buckets of 16: the few-queries LSH plan (tile per key bucket,
@@ -281,13 +287,14 @@ def test_backward_independent_of_the_query_splits():
             assert rel(one_split, split) < 1e-6
 
 
-@pytest.mark.parametrize("bucket_size", [32, 16])
-def test_full_tile_kernels_equal_per_pair_kernels(monkeypatch, bucket_size):
+@pytest.mark.parametrize("bucket_size,kv_heads,padded", [(32, 2, True), (16, 2, True), (16, 4, True), (16, 4, False)])
+def test_full_tile_kernels_equal_per_pair_kernels(monkeypatch, bucket_size, kv_heads, padded):
     """One LSH round: the full-tile kernels (the correction factorised over each tile's key and query
     state, the dk/dv kernel adding the global low-rank term too) and the per-pair kernels on the same
-    plan give the same output and gradients to fp32 rounding (padding, grouped heads, a partial last
-    tile, several query and key chunks; with buckets of 16 the padded batch element has 3 buckets of
-    real keys for 4 query chunks, so one bucket serves two tiles and must add the global term once)."""
+    plan give the same output and gradients to fp32 rounding (a partial last tile, several query and
+    key chunks). With padding and grouped heads dk/dv are added atomically; with buckets of 16 the
+    padded batch element has 3 buckets of real keys for 4 query chunks, so one bucket serves two tiles
+    and must add the global term once. Without either, each key's dk/dv are written once."""
     import functools
 
     from scatterattn.kernels import scatterbrain_bwd, scatterbrain_fwd
@@ -299,10 +306,10 @@ def test_full_tile_kernels_equal_per_pair_kernels(monkeypatch, bucket_size):
     chosen, full_tiles = [], scatterbrain_fwd.KernelTiles.full_tiles
     monkeypatch.setattr(scatterbrain_fwd.KernelTiles, "full_tiles",
                         lambda self, *args: chosen.append(full_tiles(self, *args)) or chosen[-1])
-    full, _ = run_both(torch.float32, 2, 4, 2, 70, 61, 16, settings, padded=True)
+    full, _ = run_both(torch.float32, 2, 4, kv_heads, 70, 61, 16, settings, padded=padded)
     assert chosen == [True, True]  # forward and backward took the full-tile kernels
     monkeypatch.setattr(scatterbrain_fwd.KernelTiles, "full_tiles", lambda self, *args: False)
-    per_pair, _ = run_both(torch.float32, 2, 4, 2, 70, 61, 16, settings, padded=True)
+    per_pair, _ = run_both(torch.float32, 2, 4, kv_heads, 70, 61, 16, settings, padded=padded)
     for name, a, b in zip(("out", "dq", "dk", "dv"), full, per_pair):
         assert rel(a, b) < 1e-5, (name, rel(a, b))
 

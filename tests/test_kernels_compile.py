@@ -18,7 +18,7 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel tests compile for real")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "tf32": torch.float32}
-CASES = ["lsh", "lsh-2-rounds", "local", "lsh-only"]  # lsh: the full-tile kernels
+CASES = ["lsh", "lsh-2-rounds", "local", "lsh-only", "lsh-mha"]  # lsh, lsh-mha: the full-tile kernels
 
 
 def compile_case(case: str, dtype_name: str) -> list[dict]:
@@ -60,7 +60,7 @@ def test_kernels_compile_for_sm90(case, dtype_name):
     else:
         # with features: key state, merge, forward, row statistics, query state, dq, dk/dv, and the
         # per-key low-rank backward except on the full-tile path (its dk/dv kernel adds that term)
-        expected = 4 if SCATTERBRAIN_CASES[case]["num_features"] == 0 else 7 if case == "lsh" else 8
+        expected = 4 if SCATTERBRAIN_CASES[case]["num_features"] == 0 else 7 if case in ("lsh", "lsh-mha") else 8
     assert len(kernels) == expected, report
     for launch in report:  # (the key-state merge has no dot or reduction: no shared memory)
         assert 0 <= launch["shared"] <= SM90_SHARED_LIMIT, launch
