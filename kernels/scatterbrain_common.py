@@ -127,7 +127,7 @@ def outside_query_state(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, 
     QG_f - PG_f (BLOCK_F, BLOCK_DV) and qd_f - Pd_f, fp32, where PG_f = sum_i P_if G_i and
     Pd_f = sum_i P_if delta_i over the tile's real queries, P_if = exp(l(q_i)_f + g_f - r_i) / m,
     G_i = dO_i / den_i, and QG, qd are the sums over all queries of the head (query_state_kernel),
-    read only where ADD_GLOBAL (a scalar bool; else -PG_f and -Pd_f)."""
+    added only where ADD_GLOBAL (a scalar bool; else -PG_f and -Pd_f are returned)."""
     offs_f = f0 + tl.arange(0, BLOCK_F)
     offs_dv = tl.arange(0, BLOCK_DV)
     f_ok = offs_f < M

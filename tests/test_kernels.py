@@ -38,7 +38,9 @@ def run_both(dtype, batch, heads, kv_heads, n_q, n_k, dim, settings, *, v_dim=No
         q, k = (x / x.norm(dim=-1, keepdim=True) * norm for x in (q, k))
     grad_out = torch.randn(batch, heads, n_q, v_dim or dim, generator=gen)
     kpm = None
-    if padded:
+    if isinstance(padded, torch.Tensor):  # a key padding mask (B, S), True = padding
+        kpm = padded.to(DEVICE)
+    elif padded:
         kpm = torch.zeros(batch, n_k, dtype=torch.bool)
         kpm[0, n_k - n_k // 3:] = True
         kpm = kpm.to(DEVICE)
@@ -151,11 +153,24 @@ def test_full_tile_gradients_written_once_in_half_precision():
     check(torch.float16, 2, 4, 4, 70, 61, 16, SETTINGS["lsh"])
 
 
-@pytest.mark.parametrize("n_hashes", [1, 2])
-def test_decoding_shapes_few_queries_many_keys(n_hashes):
+@pytest.mark.parametrize("n_hashes,kv_heads,padded", [(1, 2, True), (1, 4, False), (2, 2, True)])
+def test_decoding_shapes_few_queries_many_keys(n_hashes, kv_heads, padded):
     # 3 queries against 100 keys in buckets of 16: the few-queries LSH plan (tile per key bucket,
-    # most tiles without queries; one round runs the full-tile kernels, two the per-pair ones)
-    check(torch.float32, 2, 4, 2, 3, 100, 16, dict(sparse="lsh", bucket_size=16, n_hashes=n_hashes), padded=True)
+    # most tiles without queries; one round runs the full-tile kernels -- without padding and
+    # grouped heads writing dk, dv once -- two the per-pair ones)
+    check(torch.float32, 2, 4, kv_heads, 3, 100, 16, dict(sparse="lsh", bucket_size=16, n_hashes=n_hashes),
+          padded=padded)
+
+
+@pytest.mark.parametrize("name", ["lsh", "lsh-2-rounds", "local"])
+def test_batch_element_without_real_keys(name):
+    """A batch element whose keys are all padding: its rows get no keys at all (output and dq zero as
+    in the reference, every tile of its one-round LSH plan on one bucket of padding), the other element
+    is unaffected."""
+    padding = torch.zeros(2, 61, dtype=torch.bool)
+    padding[1] = True
+    padding[0, 50:] = True
+    check(torch.float32, 2, 4, 2, 70, 61, 16, dict(SETTINGS[name], num_features=24), padded=padding)
 
 
 @pytest.mark.parametrize("name", ["lsh", "lsh-2-rounds", "local"])

@@ -207,7 +207,9 @@ def test_one_round_lsh_key_lists_are_disjoint_or_repeat_the_previous_tile(n_q):
     list over consecutive tiles; the kernel compares first entries)."""
     q, k, _ = make_qkv(batch=2, heads=4, kv_heads=2, n_q=n_q, n_k=50)
     kpm = padding_mask(2, 50)
-    for mask in (None, kpm):
+    all_padding = kpm.clone()
+    all_padding[1] = True  # batch 1 without real keys: every tile on bucket 0
+    for mask in (None, kpm, all_padding):
         plan = sa.functional.prepare_call(q, k, k, num_features=8, bucket_size=8, key_padding_mask=mask,
                                           seed=0).plan
         k_index = plan.k_index[:, :, 0].expand(2, 2, -1, -1)  # (B, Hkv, T, tk)
