@@ -131,7 +131,8 @@ SCATTERBRAIN_CASES = {
     "lsh": dict(sparse="lsh", bucket_size=128, n_hashes=1, num_features=256),
     "local": dict(sparse="local", window=128, num_features=256),
     "lsh-only": dict(sparse="lsh", bucket_size=64, num_features=0),
-    # one query head per key/value head, no padding: the full-tile dk/dv kernel writes dk, dv once
+    # one query head per key/value head (the benchmark's shape), no padding: the full-tile dk/dv
+    # kernel writes dk, dv once
     "lsh-mha": dict(sparse="lsh", bucket_size=128, n_hashes=1, num_features=256, kv_heads=4, padded=False),
 }
 

@@ -15,10 +15,10 @@ Kernels:
   * row_delta_kernel: 1 / den_i (0 for a row without keys) and delta_i = (dO_i . O_i) / den_i (G
     itself is never stored: every kernel forms G_i = dO_i / den_i from the upstream gradient as it
     loads it);
-  * query_state_kernel: QG and qd per query head (split over queries, partial sums added on the host);
-  * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv), with QG, qd
-    summed over each key/value head's group; per-pair path only (the full-tile dk/dv kernel adds
-    these terms itself);
+  * query_state_kernel: QG and qd (split over queries and per query head; the host adds the parts
+    of each key/value head's group);
+  * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv); per-pair
+    path only (the full-tile dk/dv kernel adds these terms itself);
   * per tile of a round, two kernels (as flash attention's backward, so that neither carries the
     other side's accumulators through its feature loop):
     - sparse_lowrank_bwd_dq_kernel: BLOCK_Q query rows over the tile's keys in chunks: dq's support
@@ -36,11 +36,11 @@ Kernels:
       u_if = P_if (G_i . (KV_f - VKt_f) - delta_i (z_f - kt_sum_f)),
       dv_j = sum_i E_ij G_i + Kt_j . (QG - PG),  u_jf = Kt_jf (v_j . (QG_f - PG_f) - (qd_f - Pd_f)),
     so no (queries x keys) x features product is formed, and the low-rank terms of all queries come
-    with them (the global QG, qd added once per key and head: by the first tile of its bucket).
+    with them (the global QG, qd added once per key: by the first tile of its bucket). One dk/dv
+    program serves all query heads of its key/value head.
 Everything is recomputed from q, k, v, W and the saved (den, r); nothing of size N x m is stored,
 and no fp32 copy of dO or of dq (with one round) is made; nor of dk, dv when the full-tile dk/dv
-kernel writes them once (one query head per key/value head, no key padding): elsewhere they are
-added atomically into fp32 buffers.
+kernel writes them once (no key padding): elsewhere they are added atomically into fp32 buffers.
 """
 
 import math
@@ -480,29 +480,29 @@ def full_tile_bwd_dkdv_kernel(
     stride_valid_b,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, GROUP, N, S, M, D, DV, TQ, TK, tau, sqrt_tau, inv_m,
+    H, GROUP: tl.constexpr, N, S, M, D, DV, TQ, TK, tau, sqrt_tau, inv_m,
     HAS_VALID: tl.constexpr, ACCUMULATE: tl.constexpr, PREC: tl.constexpr, FP32_PREC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dk and dv for BLOCK_K keys of a tile whose pairs are all in the support (one round), for one
-    query head, low-rank term included: with the state of the queries outside the tile,
-    QG_f - PG_f and qd_f - Pd_f (this head's global QG, qd less the tile's own PG_f = sum_i P_if G_i,
-    Pd_f = sum_i P_if delta_i, `tile_query_state`),
-      dv_j = sum_i E_ij G_i + Kt_j . (QG - PG),  u_jf = Kt_jf (v_j . (QG_f - PG_f) - (qd_f - Pd_f)).
-    The exact part over the query chunks (tiles held transposed), then the low-rank part feature
-    block by feature block. ACCUMULATE: added in fp32 (atomics: every head of the group adds, and with
-    key padding a bucket may serve several consecutive tiles -- identical key lists, so the same first
-    key -- of which only the first adds the global QG, qd, so each key gets them once per head); else
-    (one query head per key/value head, no padding: every key in exactly one program) written once
-    in the output dtype."""
+    """dk and dv for BLOCK_K keys of a tile whose pairs are all in the support (one round), from
+    all GROUP query heads of their key/value head, low-rank term included: with the state of the
+    queries outside the tile, QG_f - PG_f and qd_f - Pd_f (the group's global QG, qd less the tile's
+    own PG_f = sum_i P_if G_i, Pd_f = sum_i P_if delta_i over the group's heads,
+    `outside_query_state`),
+      dv_j = sum_i E_ij G_i + Kt_j . (QG - PG),  u_jf = Kt_jf (v_j . (QG_f - PG_f) - (qd_f - Pd_f))
+    (Kt_j is the same for every head of the group). The exact part over the heads' query chunks
+    (tiles held transposed), then the low-rank part feature block by feature block. ACCUMULATE
+    (key padding): added in fp32 with atomics, as a bucket may then serve several consecutive tiles
+    (identical key lists, so the same first key) of which only the first adds the global QG, qd;
+    else every key is in exactly one program, which writes dk, dv once in the output dtype."""
     pid_t, k0 = tile_and_first_row(TK, BLOCK_K)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hkv = h // GROUP
+    pid_bkv = tl.program_id(1)
+    kv_heads = H // GROUP
+    b = pid_bkv // kv_heads
+    hkv = pid_bkv % kv_heads
     b64 = b.to(tl.int64)
-    state = (b * (H // GROUP) + hkv).to(tl.int64)
+    state = pid_bkv.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_list = K_INDEX + b64 * stride_kib + hkv.to(tl.int64) * stride_kih + pid_t * stride_kit
@@ -513,33 +513,37 @@ def full_tile_bwd_dkdv_kernel(
     kf = k.to(tl.float32)
     k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
     first_of_bucket = (pid_t == 0) | (tl.load(k_list) != tl.load(k_list - stride_kit, mask=pid_t > 0, other=-1))
-    q_list = Q_INDEX + b64 * stride_qib + h.to(tl.int64) * stride_qih + pid_t * stride_qit
-    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-    grad_base = GRAD_OUT + b64 * stride_gb + h.to(tl.int64) * stride_gh
-    stat_base = b64 * stride_sb + h.to(tl.int64) * stride_sh
+    h0 = (hkv * GROUP).to(tl.int64)  # the group's first query head
+    q_list = Q_INDEX + b64 * stride_qib + h0 * stride_qih + pid_t * stride_qit
+    q_base = Q + b64 * stride_qb + h0 * stride_qh
+    grad_base = GRAD_OUT + b64 * stride_gb + h0 * stride_gh
+    stat_base = b64 * stride_sb + h0 * stride_sh
 
     dk = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_K, BLOCK_DV), tl.float32)
-    for q0 in range(0, TQ, BLOCK_Q):
-        qi, q_ok, q, row, delta, grad = load_backward_rows(
-            q_list + q0, TQ - q0, N, q_base, stride_qn, grad_base, stride_gn, STAB + stat_base, DELTA + stat_base,
-            INV_DEN + stat_base, D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
-        grad_in = grad.to(q.dtype)
-        pair_t = k_ok[:, None] & q_ok[None, :]
-        s_t = tl.where(pair_t, tl.dot(k, tl.trans(q), input_precision=PREC) * tau, NEG)
-        exact_t = tl.where(pair_t, tl.exp(s_t - row[None, :]), 0.0)
-        d_attn_t = tl.dot(v, tl.trans(grad_in), input_precision=PREC) - delta[None, :]
-        dk = tl.dot((exact_t * d_attn_t * tau).to(q.dtype), q, dk, input_precision=PREC)
-        dv = tl.dot(exact_t.to(q.dtype), grad_in, dv, input_precision=PREC)
+    for hh in range(GROUP):
+        for q0 in range(0, TQ, BLOCK_Q):
+            qi, q_ok, q, row, delta, grad = load_backward_rows(
+                q_list + hh * stride_qih + q0, TQ - q0, N, q_base + hh * stride_qh, stride_qn,
+                grad_base + hh * stride_gh, stride_gn, STAB + stat_base + hh * stride_sh,
+                DELTA + stat_base + hh * stride_sh, INV_DEN + stat_base + hh * stride_sh, D, DV,
+                BLOCK_Q, BLOCK_D, BLOCK_DV)
+            grad_in = grad.to(q.dtype)
+            pair_t = k_ok[:, None] & q_ok[None, :]
+            s_t = tl.where(pair_t, tl.dot(k, tl.trans(q), input_precision=PREC) * tau, NEG)
+            exact_t = tl.where(pair_t, tl.exp(s_t - row[None, :]), 0.0)
+            d_attn_t = tl.dot(v, tl.trans(grad_in), input_precision=PREC) - delta[None, :]
+            dk = tl.dot((exact_t * d_attn_t * tau).to(q.dtype), q, dk, input_precision=PREC)
+            dv = tl.dot(exact_t.to(q.dtype), grad_in, dv, input_precision=PREC)
 
     uk_sum = tl.zeros((BLOCK_K,), tl.float32)
     for f0 in range(0, M, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         f_ok = offs_f < M
-        qg, qd = outside_query_state(q_list, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB + stat_base,
-                                     DELTA + stat_base, INV_DEN + stat_base, W, G + state * M,
-                                     QG + pid_bh.to(tl.int64) * M * DV, QD + pid_bh.to(tl.int64) * M,
-                                     first_of_bucket, f0, M, D, DV, stride_wm, tau, sqrt_tau, inv_m, PREC,
+        qg, qd = outside_query_state(q_list, stride_qih, TQ, N, q_base, stride_qh, stride_qn, grad_base, stride_gh,
+                                     stride_gn, STAB + stat_base, DELTA + stat_base, INV_DEN + stat_base, stride_sh,
+                                     W, G + state * M, QG + state * M * DV, QD + state * M, first_of_bucket,
+                                     f0, M, D, DV, stride_wm, tau, sqrt_tau, inv_m, GROUP, PREC,
                                      BLOCK_Q, BLOCK_F, BLOCK_D, BLOCK_DV)
         g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
         lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
@@ -600,10 +604,10 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     )
     tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
     full = tiles.full_tiles(has_features, dim, v_dim)  # one round, every pair of a tile in the support
-    # full tiles with one query head per key/value head and no padding: each key sits in exactly one
-    # dk/dv program (a round's key lists partition the keys), which writes dk, dv once in k's dtype;
-    # otherwise the kernels add into fp32 buffers
-    write_once = full and group == 1 and key_valid is None
+    # full tiles without key padding: each key sits in exactly one dk/dv program (a round's key lists
+    # partition the keys; the program serves all query heads of its key/value head), which writes
+    # dk, dv once in k's dtype; otherwise the kernels add into fp32 buffers
+    write_once = full and key_valid is None
     if write_once:
         dk = torch.empty(batch, kv_heads, n_k, dim, device=device, dtype=k.dtype)
         dv = torch.empty(batch, kv_heads, n_k, v_dim, device=device, dtype=v.dtype)
@@ -627,11 +631,13 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             rows_per_split, tau, sqrt_tau, inv_m,
             PREC=prec, BLOCK_N=block_s, BLOCK_F=query_block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
         )
-        if full:  # per query head: the full-tile dk/dv kernel adds the low-rank term itself
-            qg, qd = (qg_part[:, 0], qd_part[:, 0]) if n_splits == 1 else (qg_part.sum(1), qd_part.sum(1))
-        else:  # per key/value head, for key_lowrank_bwd_kernel
-            qg = qg_part.sum(1).reshape(batch, kv_heads, group, m, v_dim).sum(2).reshape(-1, m, v_dim).contiguous()
-            qd = qd_part.sum(1).reshape(batch, kv_heads, group, m).sum(2).reshape(-1, m).contiguous()
+        # per key/value head: the sums over the query splits and the heads of each group
+        if n_splits * group == 1:
+            qg, qd = qg_part[:, 0], qd_part[:, 0]
+        else:
+            qg = qg_part.reshape(batch * kv_heads, group * n_splits, m, v_dim).sum(1)
+            qd = qd_part.reshape(batch * kv_heads, group * n_splits, m).sum(1)
+        if not full:  # (the full-tile dk/dv kernel adds the per-key low-rank terms itself)
             key_lowrank_bwd_kernel[(triton.cdiv(n_k, block_s), batch * kv_heads)](
                 k, v, w, g, qg, qd, valid, dk, dv,
                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -677,7 +683,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
         )
         bq, bk, bf, warps = dkdv_launch
-        full_tile_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * heads)](
+        full_tile_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * kv_heads)](
             q, k, v, w, g, qg, qd, grad, inv_den, delta, stab, qi, kj, valid, dk, dv, *strides(qi, kj),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), *sizes,

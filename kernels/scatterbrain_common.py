@@ -119,31 +119,36 @@ def outside_key_state(K_LIST, TK, S, VALID_ROW, k_base, v_base, stride_kn, strid
 
 
 @triton.jit
-def outside_query_state(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW,
-                        W, G_ROW, QG_ROW, QD_ROW, ADD_GLOBAL, f0, M, D, DV, stride_wm, tau, sqrt_tau, inv_m,
+def outside_query_state(Q_LIST, stride_list_h, TQ, N, q_base, stride_qh, stride_qn, grad_base, stride_gh,
+                        stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW, stride_stat_h, W, G_ROW, QG_ROW, QD_ROW,
+                        ADD_GLOBAL, f0, M, D, DV, stride_wm, tau, sqrt_tau, inv_m, GROUP: tl.constexpr,
                         PREC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr):
     """The backward's low-rank query state less one tile's own, features f0 .. f0 + BLOCK_F:
     QG_f - PG_f (BLOCK_F, BLOCK_DV) and qd_f - Pd_f, fp32, where PG_f = sum_i P_if G_i and
-    Pd_f = sum_i P_if delta_i over the tile's real queries, P_if = exp(l(q_i)_f + g_f - r_i) / m,
-    G_i = dO_i / den_i, and QG, qd are the sums over all queries of the head (query_state_kernel),
-    added only where ADD_GLOBAL (a scalar bool; else -PG_f and -Pd_f are returned)."""
+    Pd_f = sum_i P_if delta_i over the tile's real queries of GROUP consecutive query heads (the
+    pointers are the first head's; the others follow at the given head strides),
+    P_if = exp(l(q_i)_f + g_f - r_i) / m, G_i = dO_i / den_i, and QG, qd are the sums over all
+    queries of those heads (query_state_kernel), added only where ADD_GLOBAL (a scalar bool; else
+    -PG_f and -Pd_f are returned)."""
     offs_f = f0 + tl.arange(0, BLOCK_F)
     offs_dv = tl.arange(0, BLOCK_DV)
     f_ok = offs_f < M
     g = tl.load(G_ROW + offs_f, mask=f_ok, other=0.0)
     pg = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
     pd = tl.zeros((BLOCK_F,), tl.float32)
-    for q0 in range(0, TQ, BLOCK_Q):
-        qi, q_ok, q, row, delta, grad = load_backward_rows(
-            Q_LIST + q0, TQ - q0, N, q_base, stride_qn, grad_base, stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW,
-            D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
-        qf = q.to(tl.float32)
-        lq = feature_logits(q, tl.sum(qf * qf, 1) * (0.5 * tau), W, f0, M, D, stride_wm, sqrt_tau,
-                            BLOCK_F, BLOCK_D, PREC)
-        p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
-        pg = tl.dot(tl.trans(p).to(q.dtype), grad.to(q.dtype), pg, input_precision=PREC)
-        pd += tl.sum(p * delta[:, None], 0)
+    for hh in range(GROUP):
+        for q0 in range(0, TQ, BLOCK_Q):
+            qi, q_ok, q, row, delta, grad = load_backward_rows(
+                Q_LIST + hh * stride_list_h + q0, TQ - q0, N, q_base + hh * stride_qh, stride_qn,
+                grad_base + hh * stride_gh, stride_gn, STAB_ROW + hh * stride_stat_h, DELTA_ROW + hh * stride_stat_h,
+                INV_DEN_ROW + hh * stride_stat_h, D, DV, BLOCK_Q, BLOCK_D, BLOCK_DV)
+            qf = q.to(tl.float32)
+            lq = feature_logits(q, tl.sum(qf * qf, 1) * (0.5 * tau), W, f0, M, D, stride_wm, sqrt_tau,
+                                BLOCK_F, BLOCK_D, PREC)
+            p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
+            pg = tl.dot(tl.trans(p).to(q.dtype), grad.to(q.dtype), pg, input_precision=PREC)
+            pd += tl.sum(p * delta[:, None], 0)
     qg = tl.load(QG_ROW + offs_f[:, None] * DV + offs_dv[None, :], mask=f_ok[:, None] & (offs_dv[None, :] < DV),
                  other=0.0)
     qd = tl.load(QD_ROW + offs_f, mask=f_ok, other=0.0)

@@ -374,12 +374,13 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
     forward 128 rows with key chunks of 64 and 64 features (every dot a warpgroup MMA), dq the same
     with 32 features (64 spill 80-96 B), dk/dv 128 keys with query chunks of 32; all spill-free on
     triton 3.6 and 3.9 with 16-bit inputs. IEEE fp32: 64 rows x 16 (forward spill-free,
-    dq 16 B), dk/dv 64 keys x 16 queries (16 B).
+    dq 16 B), dk/dv 64 keys x 16 queries (16-24 B).
     fp32 inputs on TF32 tensor cores (fp32_operands) hold twice the bytes per tile: the per-pair
     forward keeps its 16-bit blocks (no spills), the others take smaller ones at D = 64 (triton
-    3.6): full-tile forward and dq 64 x 64 with 16 features (none), dk/dv 128 keys over 16-query
-    chunks (24 B full-tile, 32 B when it writes dk/dv once, none per-pair; 64 keys would not spill but rebuild each tile's query
-    state twice), per-pair dq 32 x 64 (40 B; 200-340 B on the 16-bit blocks).
+    3.6): full-tile forward and dq 64 x 64 with 16 features (none), full-tile dk/dv 64 keys over
+    16-query chunks with 8 warps (none; each 128-key tile's query state is built twice, where 128
+    keys spill 32-104 B), per-pair dk/dv 128 keys over 16-query chunks (none), per-pair dq 32 x 64
+    (40 B; 200-340 B on the 16-bit blocks).
     IEEE fp32 dots (FMA, no tensor cores) spill at every size tried; the least: 32 x 32 tiles
     forward (536 B at D = 64, against 9 KB with the bf16 default), dq 64 x 16 with 8 warps (16 B),
     dk/dv 16 keys x 32 queries (32 B).
@@ -402,7 +403,9 @@ def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
             return min(block_q, 64), min(_pow2(tk), 64), 16, 4
         if kind == "backward_dq":
             return min(block_q, 32), min(_pow2(tk), 64), 16, 4
-        block_k = min(_pow2(tk), 128)  # the dk/dv kernels
+        if kind == "full_backward_dkdv":
+            return 16, min(_pow2(tk), 64), 16, 8
+        block_k = min(_pow2(tk), 128)  # the per-pair dk/dv kernel
         return 16, block_k, 16, 8 if block_k >= 128 else 4
     if kind == "forward":
         block_k, block_f = min(_pow2(tk), 64), 16 if wide else 32

@@ -148,16 +148,18 @@ def test_backend_errors_and_auto_choice(monkeypatch):
 
 
 def test_full_tile_gradients_written_once_in_half_precision():
-    """One LSH round, one query head per key/value head, no padding: the dk/dv kernel writes each
-    key's gradients once in fp16 (no fp32 buffer, no atomics), against the float64 reference."""
+    """One LSH round, no padding: the dk/dv kernel writes each key's gradients once in fp16 (no fp32
+    buffer, no atomics; one program serves the query heads of a group), against the float64
+    reference, with and without grouped heads."""
     check(torch.float16, 2, 4, 4, 70, 61, 16, SETTINGS["lsh"])
+    check(torch.float16, 2, 4, 1, 70, 61, 16, SETTINGS["lsh"])
 
 
 @pytest.mark.parametrize("n_hashes,kv_heads,padded", [(1, 2, True), (1, 4, False), (2, 2, True)])
 def test_decoding_shapes_few_queries_many_keys(n_hashes, kv_heads, padded):
     # 3 queries against 100 keys in buckets of 16: the few-queries LSH plan (tile per key bucket,
-    # most tiles without queries; one round runs the full-tile kernels -- without padding and
-    # grouped heads writing dk, dv once -- two the per-pair ones)
+    # most tiles without queries; one round runs the full-tile kernels -- without padding writing
+    # dk, dv once -- two the per-pair ones)
     check(torch.float32, 2, 4, kv_heads, 3, 100, 16, dict(sparse="lsh", bucket_size=16, n_hashes=n_hashes),
           padded=padded)
 
@@ -302,14 +304,16 @@ def test_backward_independent_of_the_query_splits():
             assert rel(one_split, split) < 1e-6
 
 
-@pytest.mark.parametrize("bucket_size,kv_heads,padded", [(32, 2, True), (16, 2, True), (16, 4, True), (16, 4, False)])
+@pytest.mark.parametrize("bucket_size,kv_heads,padded",
+                         [(32, 2, True), (16, 2, True), (16, 4, True), (16, 4, False), (16, 2, False)])
 def test_full_tile_kernels_equal_per_pair_kernels(monkeypatch, bucket_size, kv_heads, padded):
     """One LSH round: the full-tile kernels (the correction factorised over each tile's key and query
-    state, the dk/dv kernel adding the global low-rank term too) and the per-pair kernels on the same
-    plan give the same output and gradients to fp32 rounding (a partial last tile, several query and
-    key chunks). With padding and grouped heads dk/dv are added atomically; with buckets of 16 the
-    padded batch element has 3 buckets of real keys for 4 query chunks, so one bucket serves two tiles
-    and must add the global term once. Without either, each key's dk/dv are written once."""
+    state, the dk/dv kernel adding the global low-rank term too and serving a group's query heads in
+    one program) and the per-pair kernels on the same plan give the same output and gradients to
+    fp32 rounding (a partial last tile, several query and key chunks, 2 or 1 query heads per
+    key/value head). With padding dk/dv are added atomically; with buckets of 16 the padded batch
+    element has 3 buckets of real keys for 4 query chunks, so one bucket serves two tiles and must
+    add the global term once. Without padding each key's dk/dv are written once."""
     import functools
 
     from scatterattn.kernels import scatterbrain_bwd, scatterbrain_fwd

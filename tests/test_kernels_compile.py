@@ -37,7 +37,7 @@ def compile_case(case: str, dtype_name: str) -> list[dict]:
         recorders = oc.record_lsh_hash(dtype)
     else:
         recorders = oc.record_scatterbrain(dtype, oc.SCATTERBRAIN_CASES[case])
-        if case in ("lsh", "lsh-mha"):  # grouped heads and padding: atomics; neither: dk, dv written once
+        if case in ("lsh", "lsh-mha"):  # padding: atomics; none: dk, dv written once
             (launch,) = recorders["full_tile_bwd_dkdv_kernel"].launches
             assert launch[1]["ACCUMULATE"] == (case == "lsh"), launch[1]
     return oc.compile_all(recorders)
