@@ -11,8 +11,8 @@ The N x (m E) Kronecker matrix never exists, not even as a tile. Per (batch, hea
 
 Precision: the dot operands (a, c, M) are cast to `operand_dtype` -- bf16 for half-precision
 inputs on CUDA (as FlashAttention casts P and dS for its backward matmuls; bf16 rather than fp16
-because a = D~^-1 phi(q) reaches 1e-7 and below), fp32 otherwise (also in the CPU interpreter,
-whose bf16 dot is wrong) -- with fp32 accumulation; the weights b stay fp32. fp32 operands use
+because a = D~^-1 phi(q) reaches 1e-7 and below) and in the CPU interpreter when its bf16 dot is
+right (`interpreter.bf16_dot_works`), fp32 otherwise -- with fp32 accumulation; the weights b stay fp32. fp32 operands use
 TF32 tensor cores only when torch allows TF32 matmuls (`torch.backends.cuda.matmul.allow_tf32`),
 IEEE fp32 otherwise. Outputs are fp32.
 """
@@ -90,8 +90,13 @@ MAX_DIM = 256  # D and E of the launchers (one BLOCK_D covers D)
 
 def operand_dtype(dtype: torch.dtype, device: torch.device | str = "cuda") -> torch.dtype:
     """The dot-operand dtype for inputs of `dtype` on `device` (see the module docstring)."""
-    on_gpu = torch.device(device).type == "cuda"
-    return torch.bfloat16 if on_gpu and dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if dtype not in (torch.float16, torch.bfloat16):
+        return torch.float32
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    from .interpreter import bf16_dot_works
+
+    return torch.bfloat16 if bf16_dot_works() else torch.float32
 
 
 def _precision(op_dtype: torch.dtype) -> str:

@@ -636,8 +636,8 @@ def _kernel_dtype(backend: str, query: torch.Tensor, value: torch.Tensor) -> tor
         raise ValueError(f"backend must be one of ('auto', 'reference', 'triton'), got {backend!r}")
     if backend == "reference":
         return None
-    reason = triton_backend.unsupported_reason(query, is_causal=False, value=value,
-                                               max_head_dim=triton_backend.CHAINED_MAX_HEAD_DIM)
+    reason = triton_backend.unsupported_reason(query, is_causal=False, value=value,  # fp32 operands on CPU
+                                               max_head_dim=triton_backend.CHAINED_MAX_HEAD_DIM, bf16_dots=False)
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
     if reason is not None or (backend == "auto" and query.device.type != "cuda"):

@@ -36,8 +36,10 @@ def interpreter_enabled() -> bool:
 
 
 def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor | None = None,
-                       max_head_dim: int = MAX_HEAD_DIM) -> str | None:
-    """Why the kernels cannot run these inputs, or None when they can."""
+                       max_head_dim: int = MAX_HEAD_DIM, bf16_dots: bool = True) -> str | None:
+    """Why the kernels cannot run these inputs, or None when they can. bf16_dots: whether bf16
+    inputs reach `tl.dot` as bf16 (the Scatterbrain kernels; the chained-gradient kernels take fp32
+    operands in the interpreter)."""
     if is_causal:
         return "causal Scatterbrain kernels are not implemented yet (is_causal=True runs on the reference)"
     if query.dtype not in KERNEL_DTYPES:
@@ -55,6 +57,12 @@ def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor
         )
     if not triton_available():
         return "triton is not installed"
+    if bf16_dots and query.dtype == torch.bfloat16 and query.device.type == "cpu":
+        from .kernels.interpreter import bf16_dot_works
+
+        if not bf16_dot_works():
+            return ("the Triton interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584): run bf16 "
+                    "inputs on a GPU, or float16/float32 ones in the interpreter")
     return None
 
 

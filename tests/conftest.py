@@ -1,6 +1,9 @@
 """Test setup, before any test module loads:
 * without a GPU, Triton kernels run in the interpreter (TRITON_INTERPRET=1 must be set before triton
-  is first imported);
+  is first imported), and its bf16 `tl.dot`, which multiplies the bit patterns of bf16 operands
+  (triton-lang/triton#11584), gets them widened to fp32 first: exact, as a GPU's tensor cores form
+  bf16 products exactly and accumulate them in fp32, so bf16 kernels are tested on the CPU too
+  (`scatterattn.kernels.interpreter.bf16_dot_works` tells the package whether a dot is right);
 * a torchvision whose compiled operators cannot load beside this torch (the CUDA torchvision 0.28
   next to the CPU torch 2.13 the test extra installs) is made importable, for timm and transformers.
 """
@@ -12,6 +15,32 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def widen_bf16_dot_operands():
+    """Make the interpreter's tl.dot widen bf16 operands (stored as uint16) to fp32; a no-op for
+    other dtypes. Returns the original method (for tests that need it back)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+
+    def widen(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, *rest):
+        return original(self, widen(a), widen(b), *rest)
+
+    builder.create_dot = create_dot
+    return original
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    INTERPRETER_CREATE_DOT = widen_bf16_dot_operands()
 
 from scatterattn.integrations import ensure_torchvision_importable  # noqa: E402
 

@@ -3,9 +3,10 @@ and hashes. On a CPU-only machine the kernels run in the Triton interpreter (tes
 TRITON_INTERPRET=1), so shapes are small; with CUDA the same tests run compiled.
 
 Tolerances (relative Frobenius error against the float64 reference on the same rounded inputs and
-the same rounded feature matrix): fp32 2e-5; fp16 2e-2 for outputs and gradients (dots take fp16
-operands with fp32 accumulation, as in flash attention). bf16 runs on the GPU only
-(tests/test_kernels_gpu.py): the interpreter's bf16 dot is wrong (a known Triton bug)."""
+the same rounded feature matrix): fp32 2e-5; fp16 2e-2, bf16 4e-2 for outputs and gradients (dots
+take 16-bit operands with fp32 accumulation, as in flash attention). In the interpreter bf16 dots run
+with tests/conftest.py's fix for its bf16 dot (operands widened to fp32, as exact as tensor cores);
+tests/test_kernels_gpu.py adds bf16 at larger shapes on a GPU."""
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # later mask drops it (e.g. phi of a padding key cast to fp16); such values are bugs waiting for a
 # mask to move, so they fail the tests.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
-TOL = {torch.float32: 2e-5, torch.float16: 2e-2}
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 
 
 def rel(a, b):
@@ -79,7 +80,7 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_kernels_match_reference(name, dtype):
     # N = 70 is not a multiple of any block; S != N; grouped-query heads; batch 2 with padding
@@ -102,10 +103,11 @@ def test_large_norms_fp32():
     check(torch.float32, 1, 2, 2, 64, 64, 64, dict(sparse="lsh", bucket_size=16, num_features=32), norm=20.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("sparse", ["lsh", "local"])  # full-tile and per-pair kernels
-def test_large_norms_fp16(sparse):
-    # query/key norms of 25 (logits up to 78 at tau = 1/8): fp16 operands, fp32 stabilised sums
-    check(torch.float16, 1, 2, 1, 96, 96, 64, dict(sparse=sparse, bucket_size=32, window=32, num_features=32),
+def test_large_norms_half(sparse, dtype):
+    # query/key norms of 25 (logits up to 78 at tau = 1/8): 16-bit operands, fp32 stabilised sums
+    check(dtype, 1, 2, 1, 96, 96, 64, dict(sparse=sparse, bucket_size=32, window=32, num_features=32),
           norm=25.0)
 
 
@@ -147,12 +149,47 @@ def test_backend_errors_and_auto_choice(monkeypatch):
     assert torch.isfinite(sa.scatterbrain_attention(x, x, x, seed=3, bucket_size=8, is_causal=True)).all()
 
 
-def test_full_tile_gradients_written_once_in_half_precision():
-    """One LSH round, no padding: the dk/dv kernel writes each key's gradients once in fp16 (no fp32
-    buffer, no atomics; one program serves the query heads of a group), against the float64
-    reference, with and without grouped heads."""
-    check(torch.float16, 2, 4, 4, 70, 61, 16, SETTINGS["lsh"])
-    check(torch.float16, 2, 4, 1, 70, 61, 16, SETTINGS["lsh"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_full_tile_gradients_written_once_in_half_precision(dtype):
+    """One LSH round, no padding: the dk/dv kernel writes each key's gradients once in the input
+    dtype (no fp32 buffer, no atomics; one program serves the query heads of a group), against the
+    float64 reference, with and without grouped heads."""
+    check(dtype, 2, 4, 4, 70, 61, 16, SETTINGS["lsh"])
+    check(dtype, 2, 4, 1, 70, 61, 16, SETTINGS["lsh"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter's bf16 dot")
+def test_interpreter_bf16_dot_is_probed(monkeypatch):
+    """The interpreter's own bf16 dot multiplies bit patterns (triton-lang/triton#11584): the package
+    finds out by a probe and refuses bf16 Scatterbrain kernels in the interpreter (the chained
+    kernels take fp32 operands instead); with conftest's widening the probe passes and they run."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    import conftest
+    from scatterattn.kernels import chained_grad
+    from scatterattn.kernels.interpreter import bf16_dot_works
+
+    x = torch.randn(1, 2, 20, 16).to(torch.bfloat16)
+    assert bf16_dot_works() and unsupported_reason(x, False) is None
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", conftest.INTERPRETER_CREATE_DOT)
+    bf16_dot_works.cache_clear()
+    try:
+        if bf16_dot_works():
+            pytest.skip("this Triton's interpreter computes bf16 dots right by itself")
+        with pytest.raises(ValueError, match=r"interpreter's bf16 tl.dot is wrong \(triton-lang/triton#11584\)"):
+            sa.scatterbrain_attention(x, x, x, seed=0, backend="triton")
+        assert unsupported_reason(x.half(), False) is None
+        assert chained_grad.operand_dtype(torch.bfloat16, "cpu") == torch.float32
+        dq = {}
+        for backend in ("triton", "reference"):
+            q = x.clone().requires_grad_()
+            out = sa.chained_lowrank_attention(q, x, x, backend=backend, seed=0, threshold=None)
+            dq[backend], = torch.autograd.grad(out.float().sum(), q)
+        assert rel(dq["triton"], dq["reference"]) < 1e-2  # fp32 operands: bf16 rounding of the results only
+    finally:
+        monkeypatch.undo()
+        bf16_dot_works.cache_clear()
+    assert chained_grad.operand_dtype(torch.bfloat16, "cpu") == torch.bfloat16
 
 
 @pytest.mark.parametrize("n_hashes,kv_heads,padded", [(1, 2, True), (1, 4, False), (2, 2, True)])

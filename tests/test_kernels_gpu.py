@@ -1,5 +1,6 @@
-"""GPU-only kernel checks: bf16 (the interpreter's bf16 dot is wrong, so bf16 is tested here),
-long sequences, large norms and memory. Run on the device machine by bench/gpu_check.sh.
+"""GPU-only kernel checks: bf16 on compiled kernels and larger shapes (the interpreter runs bf16
+only on small shapes, with tests/conftest.py's fix for its bf16 dot), long sequences, large norms
+and memory. Run on the device machine by bench/gpu_check.sh.
 
 Tolerances (relative Frobenius error against the float64 reference on the same rounded inputs and
 feature matrix): bf16 4e-2 for outputs and gradients (dots in bf16 with fp32 accumulation)."""
