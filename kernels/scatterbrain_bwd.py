@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, feature_logits, load_backward_rows, load_key_chunk, support_mask, tile_and_first_row,
-    outside_key_state, outside_query_state,
+    NEG, feature_logits, load_backward_rows, load_key_chunk, row_scaled_operand, support_mask,
+    tile_and_first_row, outside_key_state, outside_query_state,
 )
 
 from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions, state_blocks
@@ -120,9 +120,11 @@ def query_state_kernel(
         qf = q.to(tl.float32)
         lq = feature_logits(q, tl.sum(qf * qf, 1) * (0.5 * tau), W, f0, M, D, stride_wm, sqrt_tau,
                             BLOCK_F, BLOCK_D, PREC)
-        p = tl.where(n_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
-        qg += tl.dot(tl.trans(p).to(q.dtype), grad.to(q.dtype), input_precision=PREC)
-        qd += tl.sum(p * delta[:, None], 0)
+        # P rounded to q's dtype once, for QG's dot and qd alike: the backward kernels' sums over
+        # the support (sum_i dA_ij P_if) cancel against v_j . QG_f - qd_f with that rounded P
+        p = tl.where(n_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0).to(q.dtype)
+        qg += tl.dot(tl.trans(p), grad.to(q.dtype), input_precision=PREC)
+        qd += tl.sum(p.to(tl.float32) * delta[:, None], 0)
     part = (pid_bh * tl.num_programs(0) + pid_split).to(tl.int64)
     tl.store(QD_PART + part * M + offs_f, qd, mask=f_ok)
     tl.store(QG_PART + part * M * DV + offs_f[:, None] * DV + offs_dv[None, :], qg,
@@ -261,7 +263,9 @@ def sparse_lowrank_bwd_dq_kernel(
         if HAS_FEATURES:
             kf = k.to(tl.float32)
             k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
-            d_attn_in = d_attn.to(q.dtype)
+            # sum_j dA_ij Kt_jf nearly cancels G_i . KV_f where the support holds most of a row's
+            # low-rank mass: fp16 operands for 16-bit inputs (`row_scaled_operand`; Kt <= 1)
+            da_op, da_scale = row_scaled_operand(d_attn, q.dtype == tl.float32)
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F)
                 f_ok = offs_f < M
@@ -269,8 +273,8 @@ def sparse_lowrank_bwd_dq_kernel(
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
-                kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0).to(q.dtype)
-                x = -tl.dot(d_attn_in, kt, input_precision=PREC)  # - sum_j dA_ij Kt_jf
+                kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0).to(da_op.dtype)
+                x = -tl.dot(da_op, kt, input_precision=PREC) * da_scale[:, None]  # - sum_j dA_ij Kt_jf
                 if LOW_RANK_IN_CHUNK:
                     if k0 + BLOCK_K >= TK:  # once, in the last chunk: + G_i . KV_f - delta_i z_f
                         kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
@@ -367,17 +371,21 @@ def sparse_lowrank_bwd_dkdv_kernel(
         if HAS_FEATURES:
             qf = q.to(tl.float32)
             q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
-            d_attn_t = d_attn_t.to(q.dtype)
+            # both feature sums nearly cancel the low-rank terms where the support holds most of
+            # the mass: fp16 operands for 16-bit inputs (`row_scaled_operand`; Kt <= 1), P rounded
+            # to q's dtype first, as in QG (query_state_kernel), then exactly to fp16 (P <= 1/m)
+            da_op, da_scale = row_scaled_operand(d_attn_t, q.dtype == tl.float32)
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F)
                 f_ok = offs_f < M
                 g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-                p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0).to(q.dtype)
+                p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
+                p = p.to(q.dtype).to(da_op.dtype)
                 kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
-                corr_t = tl.dot((-kt).to(q.dtype), tl.trans(p), corr_t, input_precision=PREC)
-                u = -kt * tl.dot(d_attn_t, p, input_precision=PREC)  # - Kt_jf sum_i dA_ij P_if
+                corr_t = tl.dot((-kt).to(da_op.dtype), tl.trans(p), corr_t, input_precision=PREC)
+                u = -kt * (tl.dot(da_op, p, input_precision=PREC) * da_scale[:, None])  # - Kt_jf sum_i dA_ij P_if
                 w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                             mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
                 dk = tl.dot((u * sqrt_tau).to(w.dtype), w, dk, input_precision=PREC)

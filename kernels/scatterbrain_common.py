@@ -20,6 +20,19 @@ def feature_logits(x, x_sq_half, W, f0, M, D, stride_wm, sqrt_tau,
 
 
 @triton.jit
+def row_scaled_operand(x, FP32: tl.constexpr):
+    """(x / s, s) with s_i = max_j |x_ij| (1 for an all-zero row): x / s as a dot operand, fp32 for
+    fp32 inputs, fp16 for 16-bit ones (bf16 too: |x / s| <= 1 cannot overflow fp16, and its 11
+    significant bits against bf16's 8 matter where the dot's sum nearly cancels another)."""
+    s = tl.max(tl.abs(x), 1)
+    s = tl.where(s > 0, s, 1.0)
+    y = x * (1.0 / s)[:, None]
+    if not FP32:
+        y = y.to(tl.float16)
+    return y, s
+
+
+@triton.jit
 def load_key_chunk(K_LIST, k0, TK, S, VALID_ROW, k_base, v_base, stride_kn, stride_vn, D, DV,
                    HAS_VALID: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr):
@@ -79,7 +92,10 @@ def load_query_tile(Q_LIST, TQ, N, q_base, stride_qn, D, BLOCK_Q: tl.constexpr, 
 def load_backward_rows(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, STAB_ROW, DELTA_ROW, INV_DEN_ROW,
                        D, DV, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """A tile's query rows as the backward kernels need them: qi, q_ok, q (as `load_query_tile`),
-    the forward's stabiliser r_i, delta_i, and G_i = dO_i / den_i (BLOCK_Q, BLOCK_DV) fp32."""
+    the forward's stabiliser r_i, delta_i, and G_i = dO_i / den_i (BLOCK_Q, BLOCK_DV) fp32, rounded
+    to q's dtype: the dots that take G as an operand round it so, and the fp32 products with the
+    low-rank state (G . KV) must see the same G, or their near-cancellation on the support (sum_j
+    dA_ij Kt_jf against G_i . KV_f) leaves the rounding of G times |KV| behind."""
     qi, q_ok, q = load_query_tile(Q_LIST, TQ, N, q_base, stride_qn, D, BLOCK_Q, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row = tl.load(STAB_ROW + qi, mask=q_ok, other=0.0)
@@ -87,7 +103,7 @@ def load_backward_rows(Q_LIST, TQ, N, q_base, stride_qn, grad_base, stride_gn, S
     inv_den = tl.load(INV_DEN_ROW + qi, mask=q_ok, other=0.0)
     grad = tl.load(grad_base + qi[:, None].to(tl.int64) * stride_gn + offs_dv[None, :],
                    mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    return qi, q_ok, q, row, delta, grad.to(tl.float32) * inv_den[:, None]
+    return qi, q_ok, q, row, delta, (grad.to(tl.float32) * inv_den[:, None]).to(q.dtype).to(tl.float32)
 
 
 @triton.jit
@@ -146,9 +162,9 @@ def outside_query_state(Q_LIST, stride_list_h, TQ, N, q_base, stride_qh, stride_
             qf = q.to(tl.float32)
             lq = feature_logits(q, tl.sum(qf * qf, 1) * (0.5 * tau), W, f0, M, D, stride_wm, sqrt_tau,
                                 BLOCK_F, BLOCK_D, PREC)
-            p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
-            pg = tl.dot(tl.trans(p).to(q.dtype), grad.to(q.dtype), pg, input_precision=PREC)
-            pd += tl.sum(p * delta[:, None], 0)
+            p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0).to(q.dtype)
+            pg = tl.dot(tl.trans(p), grad.to(q.dtype), pg, input_precision=PREC)
+            pd += tl.sum(p.to(tl.float32) * delta[:, None], 0)  # the same rounded P as PG (and QG, qd)
     qg = tl.load(QG_ROW + offs_f[:, None] * DV + offs_dv[None, :], mask=f_ok[:, None] & (offs_dv[None, :] < DV),
                  other=0.0)
     qd = tl.load(QD_ROW + offs_f, mask=f_ok, other=0.0)

@@ -217,17 +217,19 @@ def sparse_lowrank_fwd_kernel(
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 phi_q = tl.exp(lq + g[None, :] - new_row[:, None]) * inv_m
                 phi_k = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)  # padding keys: k = 0
-                neg_phi_q = (-phi_q).to(q.dtype)
-                corr = tl.dot(neg_phi_q, tl.trans(phi_k.to(q.dtype)), corr, input_precision=PREC)
+                # phi_q . phi_k nearly cancels exp(s - r) and phi_q . KV where the support holds most
+                # of the row's mass: fp16 operands for 16-bit inputs (11 significant bits, bf16 has
+                # 8; phi_q <= 1/m and phi_k <= 1 fit), fp32 KV (which can pass fp16's range) on TF32
+                if q.dtype == tl.float32:
+                    corr = tl.dot(-phi_q, tl.trans(phi_k), corr, input_precision=PREC)
+                else:
+                    corr = tl.dot((-phi_q).to(tl.float16), tl.trans(phi_k.to(tl.float16)), corr)
                 if LOW_RANK_IN_CHUNK:
                     if k0 + BLOCK_K >= TK:  # once, in the last chunk (r_i final: no rescaling after)
                         kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
                                      mask=(offs_f[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
                         z = tl.load(Z + state * M + offs_f, mask=offs_f < M, other=0.0)
-                        if q.dtype == tl.bfloat16:  # |KV| <= S max|v| fits bf16 (not fp16): reuse -phi
-                            acc = tl.dot(neg_phi_q, (-kv).to(q.dtype), acc, input_precision=PREC)
-                        else:
-                            acc = tl.dot(phi_q, kv, acc, input_precision=FP32_PREC)
+                        acc = tl.dot(phi_q, kv, acc, input_precision=FP32_PREC)
                         den += tl.sum(phi_q * z[None, :], 1)
             corr = tl.where(pair, corr, 0.0)
         acc = tl.dot(corr.to(v.dtype), v, acc, input_precision=PREC)
