@@ -91,7 +91,8 @@ def main(argv=None):
     prepared = sa.functional.prepare_call(q, k, v, num_features=args.features, sparse="lsh",
                                           bucket_size=args.bucket, seed=0)
     w = prepared.feature_matrix.to(dtype)
-    state = scatterbrain_fwd.key_state(k, v, w, None, math.sqrt(prepared.scale))
+    split = scatterbrain_fwd.per_pair_plan(prepared.plan, True, args.head_dim, args.head_dim)
+    state = scatterbrain_fwd.key_state(k, v, w, None, math.sqrt(prepared.scale), split=split)
     plan, tau = prepared.plan, prepared.scale
     out, den, stab = scatterbrain_fwd.sparse_lowrank_forward(q, k, v, w, state, plan, tau=tau, key_valid=None,
                                                              out_dtype=dtype)

@@ -168,7 +168,9 @@ def record_scatterbrain(dtype, settings, *, dim=64, n=300, forward=None, backwar
         state = None
         if w is not None:
             # several key splits, so that the merge kernel runs (one split, n <= 1024, skips it)
-            state = scatterbrain_fwd.key_state(k, v, w, p.key_valid, math.sqrt(p.scale), keys_per_split=128)
+            split = scatterbrain_fwd.per_pair_plan(p.plan, True, dim, dim)
+            state = scatterbrain_fwd.key_state(k, v, w, p.key_valid, math.sqrt(p.scale), split=split,
+                                               keys_per_split=128)
             state = tuple(torch.zeros_like(t) for t in state)
         out, den, stab = scatterbrain_fwd.sparse_lowrank_forward(
             q, k, v, w, state, p.plan, tau=p.scale, key_valid=p.key_valid, out_dtype=dtype, **(forward or {})

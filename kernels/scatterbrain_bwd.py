@@ -16,7 +16,10 @@ Kernels:
     itself is never stored: every kernel forms G_i = dO_i / den_i from the upstream gradient as it
     loads it);
   * query_state_kernel: QG and qd (split over queries and per query head; the host adds the parts
-    of each key/value head's group);
+    of each key/value head's group). The per-pair kernels' support sums nearly cancel QG, qd, KV and
+    each other where the support holds most of the low-rank mass: their dv takes the correction C
+    as hi + lo operands (`split_dot`) and their u . W products row-scaled fp16 u
+    (`feature_grad_dot`);
   * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv); per-pair
     path only (the full-tile dk/dv kernel adds these terms itself);
   * per tile of a round, two kernels (as flash attention's backward, so that neither carries the
@@ -50,8 +53,8 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, feature_logits, load_backward_rows, load_key_chunk, row_scaled_operand, support_mask,
-    tile_and_first_row, outside_key_state, outside_query_state,
+    NEG, feature_grad_dot, feature_logits, load_backward_rows, load_key_chunk, row_scaled_operand, split_dot,
+    support_mask, tile_and_first_row, outside_key_state, outside_query_state,
 )
 
 from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions, state_blocks
@@ -173,7 +176,7 @@ def key_lowrank_bwd_kernel(
         u = kt * (tl.dot(v.to(tl.float32), tl.trans(qg), input_precision=FP32_PREC) - qd[None, :])
         w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                     mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        dk += tl.dot(u.to(w.dtype), w, input_precision=PREC)
+        dk = feature_grad_dot(u, w, dk, PREC, w.dtype == tl.float32)
         u_sum += tl.sum(u, 1)
     dk = dk * sqrt_tau - kf * (u_sum * tau)[:, None]
     tl.store(DK + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_s[:, None] * stride_dn
@@ -243,7 +246,7 @@ def sparse_lowrank_bwd_dq_kernel(
             u = p * (tl.dot(grad, tl.trans(kv), input_precision=FP32_PREC) - delta[:, None] * z[None, :])
             w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                         mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            dq = tl.dot((u * sqrt_tau).to(w.dtype), w, dq, input_precision=PREC)
+            dq = feature_grad_dot(u * sqrt_tau, w, dq, PREC, w.dtype == tl.float32)
             uq_sum += tl.sum(u, 1)
 
     grad_in = grad.to(q.dtype)
@@ -284,7 +287,7 @@ def sparse_lowrank_bwd_dq_kernel(
                 u = p * x
                 w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                             mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                dq = tl.dot((u * sqrt_tau).to(w.dtype), w, dq, input_precision=PREC)
+                dq = feature_grad_dot(u * sqrt_tau, w, dq, PREC, w.dtype == tl.float32)
                 uq_sum += tl.sum(u, 1)
 
     dq = dq - qf * (uq_sum * tau)[:, None]
@@ -388,11 +391,13 @@ def sparse_lowrank_bwd_dkdv_kernel(
                 u = -kt * (tl.dot(da_op, p, input_precision=PREC) * da_scale[:, None])  # - Kt_jf sum_i dA_ij P_if
                 w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                             mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                dk = tl.dot((u * sqrt_tau).to(w.dtype), w, dk, input_precision=PREC)
+                dk = feature_grad_dot(u * sqrt_tau, w, dk, PREC, w.dtype == tl.float32)
                 uk_sum += tl.sum(u, 1)
             if HAS_BAND or DEDUP:  # else p and kt vanish outside the support already
                 corr_t = tl.where(pair_t, corr_t, 0.0)
-        dv = tl.dot(corr_t.to(q.dtype), grad_in, input_precision=PREC)
+            dv = split_dot(corr_t, grad_in, tl.zeros((BLOCK_K, BLOCK_DV), tl.float32), PREC)  # cancels Kt . QG
+        else:
+            dv = tl.dot(corr_t.to(q.dtype), grad_in, input_precision=PREC)
         tl.atomic_add(dv_ptr, dv, mask=k_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
     dk -= kf * (uk_sum * tau)[:, None]
     tl.atomic_add(dk_ptr, dk, mask=k_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")

@@ -33,6 +33,35 @@ def row_scaled_operand(x, FP32: tl.constexpr):
 
 
 @triton.jit
+def split_dot(x, y, acc, PREC: tl.constexpr):
+    """acc + x @ y for an fp32 x whose rounding to y's 16-bit dtype would be amplified (per-pair
+    path: a correction exp(s - r) - phi . phi, or a low-rank state, whose products nearly cancel
+    another kernel's where the support holds most of a row's low-rank mass): x as hi + lo, two
+    operands of y's dtype (about 16 significant bits for bf16, 22 for fp16). fp32 y: one dot."""
+    if y.dtype == tl.float32:
+        acc = tl.dot(x, y, acc, input_precision=PREC)
+    else:
+        hi = x.to(y.dtype)
+        acc = tl.dot(hi, y, acc, input_precision=PREC)
+        acc = tl.dot((x - hi.to(tl.float32)).to(y.dtype), y, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def feature_grad_dot(u, w, acc, PREC: tl.constexpr, FP32: tl.constexpr):
+    """acc + u @ w for a feature gradient u (rows x features) and W's rows w (features x D). For
+    16-bit inputs u is row-scaled to fp16 (`row_scaled_operand`) and w widened to fp16 (W's bf16
+    values are fp16 values), not rounded to bf16: in the per-pair path sums of u . W computed in
+    different kernels or key chunks nearly cancel where the support holds most of the mass."""
+    if FP32:
+        acc = tl.dot(u, w, acc, input_precision=PREC)
+    else:
+        u_op, u_scale = row_scaled_operand(u, False)
+        acc += tl.dot(u_op, w.to(tl.float16), input_precision=PREC) * u_scale[:, None]
+    return acc
+
+
+@triton.jit
 def load_key_chunk(K_LIST, k0, TK, S, VALID_ROW, k_base, v_base, stride_kn, stride_vn, D, DV,
                    HAS_VALID: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr):

@@ -28,17 +28,22 @@ feature logits l(x)_f = w_f . x~ - |x~|^2 / 2:
 
 Dots take the input dtype (fp16/bf16) with fp32 accumulation (PREC applies to fp32 operands:
 `precisions`, TF32 or IEEE after torch's matmul setting); the products with the fp32 state KV use
-FP32_PREC ('tf32' for half inputs, as PREC for fp32), except that for bf16 inputs the last key
-chunk rounds KV (the full-tile kernel: KV - VKt, after the subtraction) to bf16 (|KV| <= S max|v|
-would overflow fp16). The feature matrix is rounded to the
-input dtype once, by the caller.
+FP32_PREC ('tf32' for half inputs, as PREC for fp32), except that for bf16 inputs the full-tile
+kernel rounds KV - VKt (after the subtraction) to bf16 (|KV| <= S max|v| would overflow fp16).
+The per-pair kernel's C_ij nearly cancels phi_i . KV where the support holds most of a row's
+low-rank mass (a bucket or window covering most keys): there phi_i . phi~_j takes fp16 operands
+(also for bf16 inputs), C . v and the key state's phi~^T v take C and phi~ as hi + lo operands
+(`split_dot`; `key_state(split=True)` for per-pair plans), so both sides of the cancellation keep
+about 11 significant bits or more. The feature matrix is rounded to the input dtype once, by the
+caller.
 """
 
 import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, feature_logits, load_key_chunk, load_query_tile, support_mask, tile_and_first_row, outside_key_state,
+    NEG, feature_logits, load_key_chunk, load_query_tile, split_dot, support_mask, tile_and_first_row,
+    outside_key_state,
 )
 
 
@@ -49,7 +54,7 @@ def key_state_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_wm, stride_valid_b,
     Hkv, S, M, D, DV, keys_per_split, sqrt_tau,
-    HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+    HAS_VALID: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_split = tl.program_id(0)
@@ -84,7 +89,10 @@ def key_state_kernel(
         new_max = tl.maximum(run_max, tl.max(logits, 0))
         alpha = tl.exp(run_max - new_max)
         p = tl.where(valid[:, None], tl.exp(logits - new_max[None, :]), 0.0)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p).to(v.dtype), v, input_precision=PREC)
+        if SPLIT:  # the per-pair kernels subtract phi_q . Kt v over the support from phi_q . KV
+            acc = split_dot(tl.trans(p), v, acc * alpha[:, None], PREC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(tl.trans(p).to(v.dtype), v, input_precision=PREC)
         z_acc = z_acc * alpha + tl.sum(p, 0)
         run_max = new_max
 
@@ -232,7 +240,9 @@ def sparse_lowrank_fwd_kernel(
                         acc = tl.dot(phi_q, kv, acc, input_precision=FP32_PREC)
                         den += tl.sum(phi_q * z[None, :], 1)
             corr = tl.where(pair, corr, 0.0)
-        acc = tl.dot(corr.to(v.dtype), v, acc, input_precision=PREC)
+            acc = split_dot(corr, v, acc, PREC)  # corr . v nearly cancels phi_q . KV there too
+        else:
+            acc = tl.dot(corr.to(v.dtype), v, acc, input_precision=PREC)
         den += tl.sum(corr, 1)
         row = new_row
 
@@ -453,11 +463,14 @@ def state_blocks(prec: str) -> tuple[int, int]:
     return (32, 16) if prec == "ieee" else (64, 64)
 
 
-def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=None, block_f=None, keys_per_split=1024):
+def key_state(k, v, w, key_valid, sqrt_tau, *, split=False, block_s=None, block_f=None, keys_per_split=1024):
     """KV (B*Hkv, m, Dv), z (B*Hkv, m), g (B*Hkv, m), all fp32: the stabilised key-side state.
 
     k (B, Hkv, S, D), v (B, Hkv, S, Dv) contiguous in the last dim; w (m, D) in k's dtype;
     key_valid (B, S) int8/bool or None. g_f is the max over real keys of l(k)_f (0 if none).
+    split: Kt as hi + lo operands of 16-bit dots (`split_dot`; one more dot per step), for the
+    per-pair kernels (`per_pair_plan`), whose corrections nearly cancel phi_q . KV where the support
+    holds most of a row's low-rank mass; else Kt rounded to v's dtype.
     block_s, block_f: keys per step and features per program (None: `state_blocks`).
     """
     batch, kv_heads, n_k, dim = k.shape
@@ -480,7 +493,7 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=None, block_f=None, keys_
         v.stride(0), v.stride(1), v.stride(2),
         w.stride(0), valid.stride(0) if key_valid is not None else 0,
         kv_heads, n_k, m, dim, v_dim, keys_per_split, sqrt_tau,
-        HAS_VALID=key_valid is not None, PREC=prec,
+        HAS_VALID=key_valid is not None, SPLIT=split, PREC=prec,
         BLOCK_S=block_s, BLOCK_F=block_f, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim),
     )
     if n_splits == 1:  # (N <= keys_per_split) the kernel wrote the final state
@@ -489,6 +502,18 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, block_s=None, block_f=None, keys_
     combine_key_state_kernel[(bh, triton.cdiv(m, block_f))](
         kv_part, z_part, max_part, kv, z, g, n_splits, m, v_dim, BLOCK_F=block_f, BLOCK_DV=_pow2(v_dim))
     return kv, z, g
+
+
+def full_tile_support(n_rounds: int, has_band: bool, tk: int, has_features: bool, dim: int, v_dim: int) -> bool:
+    """`KernelTiles.full_tiles` from a plan's round count, band and keys per tile."""
+    return has_features and n_rounds == 1 and not has_band and tk > 0 and max(dim, v_dim) <= 64
+
+
+def per_pair_plan(plan, has_features: bool, dim: int, v_dim: int) -> bool:
+    """Whether a low-rank term and a SparsePlan run the per-pair kernels (not the full-tile ones):
+    their low-rank states are then formed with hi + lo operands (`key_state`'s split)."""
+    return (has_features and plan is not None
+            and not full_tile_support(plan.n_rounds, plan.band is not None, plan.k_index.shape[-1], True, dim, v_dim))
 
 
 @dataclass
@@ -530,8 +555,7 @@ class KernelTiles:
         rows, whose programs each rebuild the tile's state (4x per tile of 128), and the per-pair
         kernels count fewer multiply-adds. (IEEE fp32, with 64-row programs, counts about the same
         either way.)"""
-        return (has_features and self.n_rounds == 1 and not self.has_band and self.tk > 0
-                and max(dim, v_dim) <= 64)
+        return full_tile_support(self.n_rounds, self.has_band, self.tk, has_features, dim, v_dim)
 
     @classmethod
     def from_plan(cls, plan, batch, heads, kv_heads, n_q, device, low_rank_block=64):

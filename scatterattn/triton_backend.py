@@ -86,7 +86,8 @@ def scatterbrain_forward_op(
     from .kernels import scatterbrain_fwd as fwd
 
     plan = _plan_of(q_index, k_index, q_bucket, k_bucket, band, q.shape[2], k.shape[2])
-    state = None if w is None else fwd.key_state(k, v, w, key_valid, math.sqrt(scale))
+    state = None if w is None else fwd.key_state(
+        k, v, w, key_valid, math.sqrt(scale), split=fwd.per_pair_plan(plan, True, q.shape[-1], v.shape[-1]))
     out, den, stab = fwd.sparse_lowrank_forward(q, k, v, w, state, plan, tau=scale, key_valid=key_valid,
                                                 out_dtype=q.dtype)
     if state is None:
