@@ -11,8 +11,8 @@ The N x (m E) Kronecker matrix never exists, not even as a tile. Per (batch, hea
 
 Precision: the dot operands (a, c, M) are cast to `operand_dtype` -- bf16 for half-precision
 inputs on CUDA (as FlashAttention casts P and dS for its backward matmuls; bf16 rather than fp16
-because a = D~^-1 phi(q) reaches 1e-7 and below) and in the CPU interpreter when its bf16 dot is
-right (`interpreter.bf16_dot_works`), fp32 otherwise -- with fp32 accumulation; the weights b stay
+because a = D~^-1 phi(q) reaches 1e-7 and below) and in the CPU interpreter when its bf16 dots
+and casts are right (`interpreter.bf16_kernels_work`), fp32 otherwise -- with fp32 accumulation; the weights b stay
 fp32. fp32 operands use TF32 tensor cores only when torch allows TF32 matmuls
 (`torch.backends.cuda.matmul.allow_tf32`), IEEE fp32 otherwise. Outputs are fp32.
 """
@@ -94,9 +94,9 @@ def operand_dtype(dtype: torch.dtype, device: torch.device | str = "cuda") -> to
         return torch.float32
     if torch.device(device).type == "cuda":
         return torch.bfloat16
-    from .interpreter import bf16_dot_works
+    from .interpreter import bf16_kernels_work
 
-    return torch.bfloat16 if bf16_dot_works() else torch.float32
+    return torch.bfloat16 if bf16_kernels_work() else torch.float32
 
 
 def _precision(op_dtype: torch.dtype) -> str:

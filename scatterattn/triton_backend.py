@@ -58,11 +58,15 @@ def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor
     if not triton_available():
         return "triton is not installed"
     if bf16_dots and query.dtype == torch.bfloat16 and query.device.type == "cpu":
-        from .kernels.interpreter import bf16_dot_works
+        from .kernels.interpreter import bf16_casts_round, bf16_dot_works
 
         if not bf16_dot_works():
             return ("the Triton interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584): run bf16 "
                     "inputs on a GPU, or float16/float32 ones in the interpreter")
+        if not bf16_casts_round():
+            return ("the Triton interpreter's fp32 -> bf16 casts truncate where a GPU rounds to nearest "
+                    "(triton-lang/triton#8322), which the kernels' sums amplify: run bf16 inputs on a GPU, "
+                    "or float16/float32 ones in the interpreter")
     return None
 
 

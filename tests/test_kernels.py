@@ -210,25 +210,37 @@ def test_interpreter_bf16_casts_round_to_nearest():
     assert torch.equal(y.view(torch.int16), want) and torch.equal(z.view(torch.int16), want)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter's bf16 dot")
-def test_interpreter_bf16_dot_is_probed(monkeypatch):
-    """The interpreter's own bf16 dot multiplies bit patterns (triton-lang/triton#11584): the package
-    finds out by a probe and refuses bf16 Scatterbrain kernels in the interpreter (the chained
-    kernels take fp32 operands instead); with conftest's widening the probe passes and they run."""
+# the interpreter's own bf16 defects, conftest's fix for each, the package's probe and its refusal
+INTERPRETER_BF16_DEFECTS = {
+    "dot": ("create_dot", "INTERPRETER_CREATE_DOT", "bf16_dot_works",
+            r"interpreter's bf16 tl.dot is wrong \(triton-lang/triton#11584\)"),
+    "cast": ("cast_impl", "INTERPRETER_CAST", "bf16_casts_round",
+             r"casts truncate where a GPU rounds to nearest \(triton-lang/triton#8322\)"),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter's bf16 dot and casts")
+@pytest.mark.parametrize("defect", list(INTERPRETER_BF16_DEFECTS))
+def test_interpreter_bf16_defects_are_probed(defect, monkeypatch):
+    """The interpreter's own bf16 dot multiplies bit patterns (triton-lang/triton#11584) and its
+    fp32 -> bf16 casts truncate (triton-lang/triton#8322): the package finds out by a probe for each
+    and refuses bf16 Scatterbrain kernels in the interpreter (the chained kernels take fp32
+    operands instead); with conftest's fixes the probes pass and they run."""
     from triton.runtime.interpreter import InterpreterBuilder
 
     import conftest
-    from scatterattn.kernels import chained_grad
-    from scatterattn.kernels.interpreter import bf16_dot_works
+    from scatterattn.kernels import chained_grad, interpreter
 
+    method, original, probe_name, message = INTERPRETER_BF16_DEFECTS[defect]
+    probe = getattr(interpreter, probe_name)
     x = torch.randn(1, 2, 20, 16).to(torch.bfloat16)
-    assert bf16_dot_works() and unsupported_reason(x, False) is None
-    monkeypatch.setattr(InterpreterBuilder, "create_dot", conftest.INTERPRETER_CREATE_DOT)
-    bf16_dot_works.cache_clear()
+    assert probe() and unsupported_reason(x, False) is None
+    monkeypatch.setattr(InterpreterBuilder, method, getattr(conftest, original))
+    probe.cache_clear()
     try:
-        if bf16_dot_works():
-            pytest.skip("this Triton's interpreter computes bf16 dots right by itself")
-        with pytest.raises(ValueError, match=r"interpreter's bf16 tl.dot is wrong \(triton-lang/triton#11584\)"):
+        if probe():
+            pytest.skip(f"this Triton's interpreter gets its bf16 {defect} right by itself")
+        with pytest.raises(ValueError, match=message):
             sa.scatterbrain_attention(x, x, x, seed=0, backend="triton")
         assert unsupported_reason(x.half(), False) is None
         assert chained_grad.operand_dtype(torch.bfloat16, "cpu") == torch.float32
@@ -240,7 +252,7 @@ def test_interpreter_bf16_dot_is_probed(monkeypatch):
         assert rel(dq["triton"], dq["reference"]) < 1e-2  # fp32 operands: bf16 rounding of the results only
     finally:
         monkeypatch.undo()
-        bf16_dot_works.cache_clear()
+        probe.cache_clear()
     assert chained_grad.operand_dtype(torch.bfloat16, "cpu") == torch.bfloat16
 
 

@@ -359,16 +359,16 @@ def test_chain_with_16_bit_kernel_operands(op_dtype, tol):
 
 def test_kernel_operand_dtype_policy():
     """16-bit inputs on CUDA get bf16 tensor-core operands (fp16 would flush D~^-1 phi(q) to zero);
-    fp32 stays fp32. The CPU interpreter follows the GPU where its bf16 dot is right (with
+    fp32 stays fp32. The CPU interpreter follows the GPU where its bf16 dots and casts are right (with
     tests/conftest.py's fix; test_kernels.py checks the fp32 operands without it)."""
     from scatterattn.kernels import chained_grad
-    from scatterattn.kernels.interpreter import bf16_dot_works
+    from scatterattn.kernels.interpreter import bf16_kernels_work
 
     assert chained_grad.operand_dtype(torch.bfloat16, "cuda") == torch.bfloat16
     assert chained_grad.operand_dtype(torch.float16, "cuda") == torch.bfloat16
     assert chained_grad.operand_dtype(torch.float32, "cuda") == torch.float32
     assert chained_grad.operand_dtype(torch.float32, "cpu") == torch.float32
-    want = torch.bfloat16 if bf16_dot_works() else torch.float32
+    want = torch.bfloat16 if bf16_kernels_work() else torch.float32
     assert chained_grad.operand_dtype(torch.float16, "cpu") == want
 
 
