@@ -21,11 +21,12 @@ def feature_logits(x, x_sq_half, W, f0, M, D, stride_wm, sqrt_tau,
 
 @triton.jit
 def row_scaled_operand(x, FP32: tl.constexpr):
-    """(x / s, s) with s_i = max_j |x_ij| (1 for an all-zero row): x / s as a dot operand, fp32 for
-    fp32 inputs, fp16 for 16-bit ones (bf16 too: |x / s| <= 1 cannot overflow fp16, and its 11
+    """(x / s, s) with s_i = max_j |x_ij| (1 for a row of zeros or fp32 subnormals, whose 1 / s_i
+    would overflow: those round to fp16 zeros, as unscaled): x / s as a dot operand, fp32 for fp32
+    inputs, fp16 for 16-bit ones (bf16 too: |x / s| <= 1 cannot overflow fp16, and its 11
     significant bits against bf16's 8 matter where the dot's sum nearly cancels another)."""
     s = tl.max(tl.abs(x), 1)
-    s = tl.where(s > 0, s, 1.0)
+    s = tl.where(s >= 1.1754944e-38, s, 1.0)  # the smallest normal fp32
     y = x * (1.0 / s)[:, None]
     if not FP32:
         y = y.to(tl.float16)

@@ -111,6 +111,18 @@ def test_large_norms_half(sparse, dtype):
           norm=25.0)
 
 
+@pytest.mark.parametrize("dtype,settings,dim,norm,seed", [
+    (torch.float16, dict(sparse="local", window=16), 16, 16.0, 1),
+    (torch.float16, dict(sparse="local", window=16), 32, 25.0, 0),
+    (torch.bfloat16, dict(sparse="lsh", bucket_size=32, n_hashes=3), 16, 16.0, 553),
+], ids=["fp16-local-d16", "fp16-local-d32", "bf16-lsh-3-rounds-d16"])
+def test_large_norms_small_head_dims(dtype, settings, dim, norm, seed):
+    # at large norms and small head dims the per-pair feature gradients u = P x reach fp32
+    # subnormals for whole rows: their row scale must not be inverted (1 / s overflowed to inf,
+    # dq NaN; found by review fuzzing, 2026-11-29)
+    check(dtype, 1, 2, 1, 53, 53, dim, dict(settings, num_features=16), padded=True, norm=norm, seed=seed)
+
+
 def test_tiny_sequences():
     check(torch.float32, 3, 2, 2, 1, 1, 16, dict(sparse="lsh", bucket_size=16))
     check(torch.float32, 1, 2, 1, 5, 3, 16, dict(sparse="local", window=4))

@@ -44,7 +44,7 @@ def compile_case(case: str, dtype_name: str) -> list[dict]:
 
 
 PARAMS = [(case, dtype) for case in [*CASES, "chained", "lsh-hash"] for dtype in ("bf16", "fp32")]
-PARAMS += [("lsh", "fp16"), ("lsh", "tf32"), ("lsh-2-rounds", "tf32")]  # their own launch shapes
+PARAMS += [("lsh", "fp16"), ("local", "fp16"), ("lsh", "tf32"), ("lsh-2-rounds", "tf32")]  # own launches, fp16 branches
 
 
 @pytest.mark.parametrize("case,dtype_name", PARAMS)
