@@ -144,13 +144,25 @@ def _plan_tensors(plan):
     return tuple(None if t is None else t.to(torch.int32).contiguous() for t in tensors), plan.band
 
 
+def plan_covers_every_pair(plan) -> bool:
+    """Whether a plan's support is every (query, key) pair: one tile per round with no band (LSH
+    with a single bucket, N and S up to the bucket size), whose round 0 lists every query and key.
+    Scatterbrain is then exact attention: its low-rank term phi . KV minus the same over the
+    support is zero."""
+    return plan is not None and plan.band is None and plan.q_index.shape[-2] == 1
+
+
 class ScatterbrainTritonFunction(torch.autograd.Function):
     """out = Scatterbrain(q, k, v) with the fused forward and backward kernels (non-causal), run by
-    the custom operators above."""
+    the custom operators above. Where the support is every pair (`plan_covers_every_pair`) they
+    run without the low-rank term, which is zero there: the same function, without feature work
+    and without the rounding of two nearly equal low-rank sums."""
 
     @staticmethod
     def forward(ctx, query, key, value, feature_matrix, plan, scale, key_valid):
         q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+        if plan_covers_every_pair(plan):
+            feature_matrix = None
         w = None if feature_matrix is None else feature_matrix.to(device=q.device, dtype=q.dtype).contiguous()
         plan_tensors, band = _plan_tensors(plan)
         out, den, stab, kv, z, g = scatterbrain_forward_op(q, k, v, w, *plan_tensors, key_valid, scale, band)
