@@ -146,10 +146,15 @@ def _plan_tensors(plan):
 
 def plan_covers_every_pair(plan) -> bool:
     """Whether a plan's support is every (query, key) pair: one tile per round with no band (LSH
-    with a single bucket, N and S up to the bucket size), whose round 0 lists every query and key.
-    Scatterbrain is then exact attention: its low-rank term phi . KV minus the same over the
-    support is zero."""
-    return plan is not None and plan.band is None and plan.q_index.shape[-2] == 1
+    with a single bucket, N and S up to the bucket size), whose round 0 lists every query and key,
+    or a band |i - j| <= h with h >= max(N, S) - 1 (a local window wider than both sequences,
+    whose key lists then hold every key). Scatterbrain is then exact attention: its low-rank term
+    phi . KV minus the same over the support is zero."""
+    if plan is None:
+        return False
+    if plan.band is None:
+        return plan.q_index.shape[-2] == 1
+    return plan.band >= max(plan.num_queries, plan.num_keys) - 1
 
 
 class ScatterbrainTritonFunction(torch.autograd.Function):

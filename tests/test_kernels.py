@@ -133,11 +133,13 @@ def test_tiny_sequences():
     check(torch.float32, 1, 2, 1, 5, 3, 16, dict(sparse="local", window=4))
 
 
+@pytest.mark.parametrize("sparse", ["lsh", "local"])
 @pytest.mark.parametrize("shortcut", [True, False], ids=["without-low-rank", "low-rank-cancels"])
-def test_one_bucket_covering_everything_is_exact_in_the_kernels(shortcut, monkeypatch):
-    """One bucket holding every key: Scatterbrain is exact attention. The kernels then run without
-    the low-rank term (zero there; `plan_covers_every_pair`), as with num_features=0; with that
-    shortcut off, the full-tile kernels' low-rank sums cancel to fp32 rounding."""
+def test_one_bucket_covering_everything_is_exact_in_the_kernels(shortcut, sparse, monkeypatch):
+    """One bucket holding every key, or a window spanning both sequences: Scatterbrain is exact
+    attention. The kernels then run without the low-rank term (zero there;
+    `plan_covers_every_pair`); with that shortcut off, the full-tile (LSH) or per-pair (local)
+    kernels' low-rank sums cancel to fp32 rounding."""
     from scatterattn import triton_backend
     from scatterattn.kernels import scatterbrain_fwd
 
@@ -148,9 +150,14 @@ def test_one_bucket_covering_everything_is_exact_in_the_kernels(shortcut, monkey
                         lambda *args, **kwargs: key_states.append(1) or key_state(*args, **kwargs))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 16, generator=gen, device="cpu").to(DEVICE) for _ in range(3))
-    out = sa.scatterbrain_attention(q, k, v, num_features=16, bucket_size=40, seed=0, backend="triton")
+    out = sa.scatterbrain_attention(q, k, v, num_features=16, sparse=sparse, bucket_size=40, window=80, seed=0,
+                                    backend="triton")
     assert rel(out, sa.dense_attention(q.double(), k.double(), v.double())) < 1e-5
     assert len(key_states) == (0 if shortcut else 1)  # the low-rank state is formed or not
+    if sparse == "local":  # a window one short of spanning both keeps the low-rank term
+        key_states.clear()
+        sa.scatterbrain_attention(q, k, v, num_features=16, sparse=sparse, window=77, seed=0, backend="triton")
+        assert len(key_states) == 1
 
 
 def test_one_bucket_covering_several_key_blocks_bf16():
