@@ -12,8 +12,8 @@ The N x (m E) Kronecker matrix never exists, not even as a tile. Per (batch, hea
 Precision: the dot operands (a, c, M) are cast to `operand_dtype` -- bf16 for half-precision
 inputs on CUDA (as FlashAttention casts P and dS for its backward matmuls; bf16 rather than fp16
 because a = D~^-1 phi(q) reaches 1e-7 and below) and in the CPU interpreter when its bf16 dots
-and casts are right (`interpreter.bf16_kernels_work`), fp32 otherwise -- with fp32 accumulation; the weights b stay
-fp32. fp32 operands use TF32 tensor cores only when torch allows TF32 matmuls
+and casts are right (`interpreter.bf16_kernels_work`), fp32 otherwise -- with fp32 accumulation;
+the weights b stay fp32. fp32 operands use TF32 tensor cores only when torch allows TF32 matmuls
 (`torch.backends.cuda.matmul.allow_tf32`), IEEE fp32 otherwise. Outputs are fp32.
 """
 
