@@ -18,8 +18,8 @@ Kernels:
   * query_state_kernel: QG and qd (split over queries and per query head; the host adds the parts
     of each key/value head's group). The per-pair kernels' support sums nearly cancel QG, qd, KV and
     each other where the support holds most of the low-rank mass: their dv takes the correction C
-    as hi + lo operands (`split_dot`), their feature sums dA as hi + lo fp16 operands, and their
-    u . W products row-scaled fp16 u (`feature_grad_dot`);
+    as hi + lo operands (`split_dot`), their feature sums dA as hi + lo fp16 operands
+    (`row_scaled_split`), and their u . W products row-scaled fp16 u (`feature_grad_dot`);
   * key_lowrank_bwd_kernel: the per-key low-rank terms of dk and dv (initialises dk, dv); per-pair
     path only (the full-tile dk/dv kernel adds these terms itself);
   * per tile of a round, two kernels (as flash attention's backward, so that neither carries the
@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from .scatterbrain_common import (
-    NEG, feature_grad_dot, feature_logits, load_backward_rows, load_key_chunk, row_scaled_operand, split_dot,
-    support_mask, tile_and_first_row, outside_key_state, outside_query_state,
+    NEG, feature_grad_dot, feature_logits, load_backward_rows, load_key_chunk, row_scaled_split, split_dot,
+    split_lhs_dot, support_mask, tile_and_first_row, outside_key_state, outside_query_state,
 )
 
 from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions, state_blocks
@@ -267,11 +267,9 @@ def sparse_lowrank_bwd_dq_kernel(
             kf = k.to(tl.float32)
             k_sq_half = tl.sum(kf * kf, 1) * (0.5 * tau)
             # sum_j dA_ij Kt_jf nearly cancels G_i . KV_f where the support holds most of a row's
-            # low-rank mass: fp16 operands for 16-bit inputs (`row_scaled_operand`; Kt <= 1), dA as
+            # low-rank mass: fp16 operands for 16-bit inputs (`row_scaled_split`; Kt <= 1), dA as
             # hi + lo (its rounding was the largest term left: fp16 dq 3e-2 where rows amplify it)
-            da_op, da_scale = row_scaled_operand(d_attn, q.dtype == tl.float32)
-            if q.dtype != tl.float32:
-                da_lo = (d_attn * (1.0 / da_scale)[:, None] - da_op.to(tl.float32)).to(tl.float16)
+            da_hi, da_lo, da_scale = row_scaled_split(d_attn, q.dtype == tl.float32)
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F)
                 f_ok = offs_f < M
@@ -279,11 +277,8 @@ def sparse_lowrank_bwd_dq_kernel(
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
-                kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0).to(da_op.dtype)
-                x = tl.dot(da_op, kt, input_precision=PREC)
-                if q.dtype != tl.float32:
-                    x = tl.dot(da_lo, kt, x)
-                x = -x * da_scale[:, None]  # - sum_j dA_ij Kt_jf
+                kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0).to(da_hi.dtype)
+                x = -split_lhs_dot(da_hi, da_lo, kt, PREC, q.dtype == tl.float32) * da_scale[:, None]  # - sum_j dA_ij Kt_jf
                 if LOW_RANK_IN_CHUNK:
                     if k0 + BLOCK_K >= TK:  # once, in the last chunk: + G_i . KV_f - delta_i z_f
                         kv = tl.load(KV + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
@@ -381,12 +376,10 @@ def sparse_lowrank_bwd_dkdv_kernel(
             qf = q.to(tl.float32)
             q_sq_half = tl.sum(qf * qf, 1) * (0.5 * tau)
             # both feature sums nearly cancel the low-rank terms where the support holds most of
-            # the mass: fp16 operands for 16-bit inputs (`row_scaled_operand`; Kt <= 1), dA as
+            # the mass: fp16 operands for 16-bit inputs (`row_scaled_split`; Kt <= 1), dA as
             # hi + lo (as in dq: fp16 dk 1.7e-3 -> 4.4e-4 there), P rounded to q's dtype first, as
             # in QG (query_state_kernel), then exactly to fp16 (P <= 1/m)
-            da_op, da_scale = row_scaled_operand(d_attn_t, q.dtype == tl.float32)
-            if q.dtype != tl.float32:
-                da_lo = (d_attn_t * (1.0 / da_scale)[:, None] - da_op.to(tl.float32)).to(tl.float16)
+            da_hi, da_lo, da_scale = row_scaled_split(d_attn_t, q.dtype == tl.float32)
             for f0 in range(0, M, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F)
                 f_ok = offs_f < M
@@ -394,12 +387,10 @@ def sparse_lowrank_bwd_dkdv_kernel(
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
-                p = p.to(q.dtype).to(da_op.dtype)
+                p = p.to(q.dtype).to(da_hi.dtype)
                 kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
-                corr_t = tl.dot((-kt).to(da_op.dtype), tl.trans(p), corr_t, input_precision=PREC)
-                x = tl.dot(da_op, p, input_precision=PREC)
-                if q.dtype != tl.float32:
-                    x = tl.dot(da_lo, p, x)
+                corr_t = tl.dot((-kt).to(da_hi.dtype), tl.trans(p), corr_t, input_precision=PREC)
+                x = split_lhs_dot(da_hi, da_lo, p, PREC, q.dtype == tl.float32)
                 u = -kt * (x * da_scale[:, None])  # - Kt_jf sum_i dA_ij P_if
                 w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],
                             mask=f_ok[:, None] & (offs_d[None, :] < D), other=0.0)

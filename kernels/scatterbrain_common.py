@@ -34,6 +34,27 @@ def row_scaled_operand(x, FP32: tl.constexpr):
 
 
 @triton.jit
+def row_scaled_split(x, FP32: tl.constexpr):
+    """(hi, lo, s): x / s (`row_scaled_operand`) as hi + lo fp16 dot operands for 16-bit inputs
+    (about 22 significant bits, for a dA whose sums nearly cancel the low-rank state's); fp32
+    inputs: hi = x / s in fp32 and lo unused (`split_lhs_dot` skips it)."""
+    hi, s = row_scaled_operand(x, FP32)
+    lo = hi
+    if not FP32:
+        lo = (x * (1.0 / s)[:, None] - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo, s
+
+
+@triton.jit
+def split_lhs_dot(hi, lo, y, PREC: tl.constexpr, FP32: tl.constexpr):
+    """hi @ y, plus lo @ y for 16-bit inputs: a `row_scaled_split` operand times y (fp32 result)."""
+    acc = tl.dot(hi, y, input_precision=PREC)
+    if not FP32:
+        acc = tl.dot(lo, y, acc)
+    return acc
+
+
+@triton.jit
 def split_dot(x, y, acc, PREC: tl.constexpr):
     """acc + x @ y for an fp32 x whose rounding to y's 16-bit dtype would be amplified (per-pair
     path: a correction exp(s - r) - phi . phi, or a low-rank state, whose products nearly cancel
