@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import next_power_of_2
+
 
 @triton.jit
 def kron_gram_kernel(A, BT, C, OUT, N, M, E, D, ROWS_PER_SPLIT, N_SPLITS,
@@ -132,7 +134,7 @@ def _middle_slices(middle, lead, op_dtype):
 
 
 def _block(size: int, cap: int) -> int:
-    return max(16, min(triton.next_power_of_2(size), cap))
+    return max(16, min(next_power_of_2(size), cap))
 
 
 def _check_dims(name: str, **dims) -> None:

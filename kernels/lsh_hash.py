@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 
 @triton.jit
 def norms_and_projections_kernel(X, PROJ, SQ, HASH, N, D, R, stride_xp, stride_xn, stride_pr,
@@ -38,8 +40,8 @@ def norms_and_projections(x: torch.Tensor, directions: torch.Tensor, *, block_n:
     proj = directions.to(device=x.device, dtype=torch.float32).contiguous()
     sq = torch.empty(flat.shape[0], n, device=x.device, dtype=torch.float32)
     hashes = torch.empty(flat.shape[0], n, r, device=x.device, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(d))
-    norms_and_projections_kernel[(triton.cdiv(n, block_n), flat.shape[0])](
+    block_d = max(16, next_power_of_2(d))
+    norms_and_projections_kernel[(cdiv(n, block_n), flat.shape[0])](
         flat, proj, sq, hashes, n, d, r, flat.stride(0), flat.stride(1), proj.stride(0),
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
     )

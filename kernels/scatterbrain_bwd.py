@@ -52,11 +52,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
 from .scatterbrain_common import (
     NEG, feature_grad_dot, feature_logits, load_backward_rows, load_key_chunk, row_scaled_split, split_dot,
     split_lhs_dot, support_mask, tile_and_first_row, outside_key_state, outside_query_state,
 )
-
 from .scatterbrain_fwd import KernelTiles, _pow2, launch_config, precisions, state_blocks
 
 
@@ -613,7 +613,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     grad = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     stab, den = stab.contiguous(), den.contiguous()
     inv_den, delta = torch.empty_like(den), torch.empty_like(den)
-    row_delta_kernel[(triton.cdiv(n_q, block_s), batch * heads)](
+    row_delta_kernel[(cdiv(n_q, block_s), batch * heads)](
         grad, out, den, inv_den, delta, grad.stride(0), grad.stride(1), grad.stride(2),
         out.stride(0), out.stride(1), out.stride(2), heads, n_q, v_dim,
         BLOCK_N=block_s, BLOCK_DV=_pow2(v_dim),
@@ -635,12 +635,12 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
 
     if has_features:
         kv, z, g = state
-        rows_per_split = max(block_s, min(rows_per_split, triton.next_power_of_2(n_q)))
+        rows_per_split = max(block_s, min(rows_per_split, next_power_of_2(n_q)))
         rows_per_split = math.ceil(rows_per_split / block_s) * block_s
         n_splits = math.ceil(n_q / rows_per_split)
         qg_part = torch.empty(batch * heads, n_splits, m, v_dim, device=device, dtype=torch.float32)
         qd_part = torch.empty(batch * heads, n_splits, m, device=device, dtype=torch.float32)
-        query_state_kernel[(n_splits, triton.cdiv(m, query_block_f), batch * heads)](
+        query_state_kernel[(n_splits, cdiv(m, query_block_f), batch * heads)](
             q, grad, inv_den, delta, stab, w, g, qg_part, qd_part,
             q.stride(0), q.stride(1), q.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
             stab.stride(0), stab.stride(1), w.stride(0), heads, group, n_q, m, dim, v_dim,
@@ -654,7 +654,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
             qg = qg_part.reshape(batch * kv_heads, group * n_splits, m, v_dim).sum(1)
             qd = qd_part.reshape(batch * kv_heads, group * n_splits, m).sum(1)
         if not full:  # (the full-tile dk/dv kernel adds the per-key low-rank terms itself)
-            key_lowrank_bwd_kernel[(triton.cdiv(n_k, block_s), batch * kv_heads)](
+            key_lowrank_bwd_kernel[(cdiv(n_k, block_s), batch * kv_heads)](
                 k, v, w, g, qg, qd, valid, dk, dv,
                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -693,13 +693,13 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         flags = dict(HAS_VALID=key_valid is not None, PREC=prec, FP32_PREC=fp32_prec,
                      BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim))
         bq, bk, bf, warps = dq_launch
-        full_tile_bwd_dq_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, bq), batch * heads)](
+        full_tile_bwd_dq_kernel[(tiles.n_tiles * cdiv(tiles.tq, bq), batch * heads)](
             q, k, v, w, kv, z, g, grad, inv_den, delta, stab, qi, kj, valid, dq, *strides(qi, kj),
             dq.stride(0), dq.stride(1), dq.stride(2), *sizes,
             BLOCK_Q=bq, BLOCK_K=bk, BLOCK_F=bf, num_warps=warps, **flags,
         )
         bq, bk, bf, warps = dkdv_launch
-        full_tile_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * kv_heads)](
+        full_tile_bwd_dkdv_kernel[(tiles.n_tiles * cdiv(tiles.tk, bk), batch * kv_heads)](
             q, k, v, w, g, qg, qd, grad, inv_den, delta, stab, qi, kj, valid, dk, dv, *strides(qi, kj),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), *sizes,
@@ -715,7 +715,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         flags = dict(HAS_VALID=key_valid is not None, HAS_BAND=tiles.has_band, DEDUP=tiles.dedup and r > 0,
                      PREC=prec, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(v_dim))
         bq, bk, bf, warps = dq_launch
-        sparse_lowrank_bwd_dq_kernel[(tiles.n_tiles * triton.cdiv(tiles.tq, bq), batch * heads)](
+        sparse_lowrank_bwd_dq_kernel[(tiles.n_tiles * cdiv(tiles.tq, bq), batch * heads)](
             q, k, v, w_arg, kv, z, g, grad, inv_den, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
             dq_acc, dq, *strides(qi, kj), *bucket_strides,
             dq.stride(0), dq.stride(1), dq.stride(2),
@@ -728,7 +728,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
         if tiles.tk == 0:
             continue
         bq, bk, bf, warps = dkdv_launch
-        sparse_lowrank_bwd_dkdv_kernel[(tiles.n_tiles * triton.cdiv(tiles.tk, bk), batch * heads)](
+        sparse_lowrank_bwd_dkdv_kernel[(tiles.n_tiles * cdiv(tiles.tk, bk), batch * heads)](
             q, k, v, w_arg, g, grad, inv_den, delta, stab, qi, kj, valid, tiles.q_bucket, tiles.k_bucket,
             dk, dv, *strides(qi, kj), *bucket_strides,
             dk.stride(0), dk.stride(1), dk.stride(2),

@@ -353,9 +353,11 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
+from .host import cdiv, next_power_of_2  # noqa: E402
+
 
 def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
+    return max(lo, next_power_of_2(int(x)))
 
 
 def launch_config(kind: str, tq: int, tk: int, dim: int, v_dim: int,
@@ -478,7 +480,7 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, split=False, block_s=None, block_
     m = w.shape[0]
     prec, _ = precisions(k.dtype)
     block_s, block_f = (given or default for given, default in zip((block_s, block_f), state_blocks(prec)))
-    keys_per_split = max(block_s, min(keys_per_split, triton.next_power_of_2(n_k)))
+    keys_per_split = max(block_s, min(keys_per_split, next_power_of_2(n_k)))
     keys_per_split = math.ceil(keys_per_split / block_s) * block_s
     n_splits = math.ceil(n_k / keys_per_split)
     bh = batch * kv_heads
@@ -486,7 +488,7 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, split=False, block_s=None, block_
     z_part = torch.empty(bh, n_splits, m, device=k.device, dtype=torch.float32)
     max_part = torch.empty(bh, n_splits, m, device=k.device, dtype=torch.float32)
     valid = key_valid if key_valid is not None else k  # dummy pointer when absent
-    grid = (n_splits, triton.cdiv(m, block_f), bh)
+    grid = (n_splits, cdiv(m, block_f), bh)
     key_state_kernel[grid](
         k, v, w, valid, kv_part, z_part, max_part,
         k.stride(0), k.stride(1), k.stride(2),
@@ -499,7 +501,7 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, split=False, block_s=None, block_
     if n_splits == 1:  # (N <= keys_per_split) the kernel wrote the final state
         return kv_part[:, 0], z_part[:, 0], max_part[:, 0]
     kv, z, g = torch.empty_like(kv_part[:, 0]), torch.empty_like(z_part[:, 0]), torch.empty_like(z_part[:, 0])
-    combine_key_state_kernel[(bh, triton.cdiv(m, block_f))](
+    combine_key_state_kernel[(bh, cdiv(m, block_f))](
         kv_part, z_part, max_part, kv, z, g, n_splits, m, v_dim, BLOCK_F=block_f, BLOCK_DV=_pow2(v_dim))
     return kv, z, g
 
@@ -611,7 +613,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
         den = torch.empty(batch, heads, n_q, device=device, dtype=torch.float32)
         stab = torch.empty_like(den)
         qi, kj = q_index[:, :, 0], k_index[:, :, 0]
-        full_tile_fwd_kernel[(n_tiles * triton.cdiv(tq, block_q), batch * heads)](
+        full_tile_fwd_kernel[(n_tiles * cdiv(tq, block_q), batch * heads)](
             q, k, v, w_arg, kv, z, g, qi, kj, valid, out, den, stab,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -642,7 +644,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
         num_r = num if write_out else num[r]
         den_r = den if write_out else den[r]
         stab_r = stab if write_out else stab[r]
-        sparse_lowrank_fwd_kernel[(n_tiles * triton.cdiv(tq, block_q), batch * heads)](
+        sparse_lowrank_fwd_kernel[(n_tiles * cdiv(tq, block_q), batch * heads)](
             q, k, v, w_arg, kv, z, g, qi, kj, valid, q_bucket, k_bucket,
             out, num_r, den_r, stab_r,
             q.stride(0), q.stride(1), q.stride(2),

@@ -365,6 +365,18 @@ def test_lsh_hash_kernel_matches_torch(dtype, dim):
         assert sparsity.norms_and_projections(x, directions)[1].dtype == torch.float32
 
 
+def test_host_integer_helpers_equal_triton():
+    """The launchers' plain-Python cdiv and next_power_of_2 (kernels/host.py) give triton's results."""
+    import triton
+
+    from scatterattn.kernels.host import cdiv, next_power_of_2
+
+    for n in [*range(0, 300), 1023, 1024, 1025, 65535, 65536, 65537]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 64, 128):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
 def test_lsh_plan_same_with_the_hash_kernel(monkeypatch):
     """lsh_plan with the fused hashing pass builds the same buckets as with torch (random inputs,
     no ties), GQA and key padding included."""
