@@ -563,6 +563,47 @@ def test_fp32_dots_follow_torch_tf32_setting():
             assert rel(a, b) < 5e-3, (name, rel(a, b))
 
 
+def test_eager_calls_run_the_launchers_without_the_operator_dispatch(monkeypatch):
+    """Eager calls on plain tensors run the launchers directly; under a dispatch mode the custom
+    operators run them. Same outputs and gradients, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from scatterattn import triton_backend
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    direct = []
+    for name in ("scatterbrain_forward", "scatterbrain_backward"):
+        fn = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name, lambda *a, fn=fn, name=name: direct.append(name) or fn(*a))
+    mod = sa.ScatterbrainAttention(16, **dict(SETTINGS["lsh"], num_features=16), seed=0, backend="triton").to(DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 2, 40, 16, generator=gen).to(DEVICE) for _ in range(3)]
+    results = []
+    for mode in (None, Seen()):
+        xs = [x.clone().requires_grad_() for x in inputs]
+        if mode is None:
+            out = mod(*xs)
+            out.square().sum().backward()
+            assert direct == ["scatterbrain_forward", "scatterbrain_backward"]
+        else:
+            with mode:
+                out = mod(*xs)
+                out.square().sum().backward()
+            assert {"scatterattn.scatterbrain_forward", "scatterattn.scatterbrain_backward"} <= mode.ops
+            assert len(direct) == 2
+        results.append([out.detach(), *(x.grad for x in xs)])
+    for eager, dispatched in zip(*results):
+        assert torch.equal(eager, dispatched)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("name", ["lsh-2-rounds", "local", "performer"])
 def test_module_traces_whole_under_torch_compile(name, backend):
