@@ -208,12 +208,17 @@ def record_chained(dtype, *, n=1024, dim=64, num_features=256, tf32=False, **con
 
 
 def record_lsh_hash(dtype, *, n=1024, dim=64, n_hashes=2):
-    """Run the LSH hashing launcher (norms and projections of q) with the kernel recorded."""
+    """Run the LSH hashing launcher (norms, projections and XBOX+ hashes of q and k; GQA, N = S
+    and N != S, with and without key padding) with the kernels recorded."""
     from . import lsh_hash
 
-    recorders = record(lsh_hash, ["norms_and_projections_kernel"])
+    recorders = record(lsh_hash, ["norms_projections_kernel", "xbox_hash_kernel"])
     try:
-        lsh_hash.norms_and_projections(torch.randn(1, 4, n, dim).to(dtype), torch.randn(n_hashes, dim))
+        q, directions = torch.randn(1, 4, n, dim).to(dtype), torch.randn(n_hashes, dim + 2)
+        for n_k, padded in ((n, False), (n // 2, True)):
+            valid = torch.ones(1, n_k, dtype=torch.bool)
+            valid[0, -7:] = False
+            lsh_hash.xbox_hashes(q, torch.randn(1, 2, n_k, dim).to(dtype), directions, valid if padded else None)
     finally:
         restore(lsh_hash, recorders)
     return recorders

@@ -66,29 +66,17 @@ def lsh_plan(
     so each query instead attends the bucket where its hash falls among the sorted key hashes
     (searchsorted); tile t then holds the queries of bucket t (tq = N, mostly empty slots).
     """
-    batch, heads, n_q, dim = query.shape
+    batch, heads, n_q, _ = query.shape
     kv_heads, n_k = key.shape[1], key.shape[2]
-    group = heads // kv_heads
     n_rounds = hash_projections.shape[0]
     with torch.no_grad():
-        proj = hash_projections.to(device=query.device, dtype=torch.float32)
-        q_sq, q_proj = norms_and_projections(query.detach(), proj[:, :dim])
-        q_sq = q_sq.reshape(batch, kv_heads, group, n_q)  # (B, Hkv, G, N)
-        q_proj = q_proj.reshape(batch, kv_heads, group, n_q, n_rounds)
-        k_sq, k_proj = norms_and_projections(key.detach(), proj[:, :dim])  # (B, Hkv, S), (B, Hkv, S, R)
-        if key_valid is not None:
-            k_sq = torch.where(key_valid[:, None, :], k_sq, torch.zeros_like(k_sq))
-        m_sq = q_sq.amax(dim=(2, 3)) + k_sq.amax(dim=2)  # (B, Hkv)
-        q_ext = (m_sq[:, :, None, None] - q_sq).clamp_min(0).sqrt()
-        k_ext = (m_sq[:, :, None] - k_sq).clamp_min(0).sqrt()
-        q_hash = q_proj + q_ext.unsqueeze(-1) * proj[:, dim + 1]  # (B,Hkv,G,N,R)
-        k_hash = k_proj + k_ext.unsqueeze(-1) * proj[:, dim]  # (B,Hkv,S,R)
-        if key_valid is not None:
-            k_hash = k_hash.masked_fill(~key_valid[:, None, :, None], float("inf"))
-        q_hash = q_hash.reshape(batch, heads, n_q, n_rounds).transpose(-1, -2)  # (B,H,R,N)
-        k_hash = k_hash.transpose(-1, -2)  # (B,Hkv,R,S)
-        q_order = torch.sort(q_hash, dim=-1, stable=True).indices
-        k_order = torch.sort(k_hash, dim=-1, stable=True).indices
+        q_hash, k_hash, joint = xbox_hashes(query.detach(), key.detach(), hash_projections, key_valid)
+        if joint is not None:  # q's and k's hashes in one buffer: one sort
+            order = torch.sort(joint, dim=-1, stable=True).indices
+            q_order, k_order = order[:, :heads], order[:, heads:]
+        else:
+            q_order = torch.sort(q_hash, dim=-1, stable=True).indices
+            k_order = torch.sort(k_hash, dim=-1, stable=True).indices
 
         n_buckets = math.ceil(n_k / bucket_size)
         real_buckets = None
@@ -129,22 +117,43 @@ def lsh_plan(
         )
 
 
-def norms_and_projections(x: torch.Tensor, directions: torch.Tensor):
-    """(|x|^2 (..., N), x . a_r (..., N, R)) in fp32 for x (..., N, D) and directions (R, D) fp32.
+def xbox_hashes(query: torch.Tensor, key: torch.Tensor, hash_projections: torch.Tensor,
+                key_valid: torch.Tensor | None = None):
+    """The sort keys of `lsh_plan`: (q_hash (B, H, R, N), k_hash (B, Hkv, R, S), joint), fp32.
 
-    On CUDA (fp16/bf16/fp32) with triton installed, a Triton kernel reads x once in its own dtype
-    (scatterattn.kernels.lsh_hash); elsewhere, and when the slices (batch x heads) exceed the
-    kernels' grid limit, torch does it on an fp32 copy. The two agree up to fp32 summation order,
-    so hashes that tie to the last bit may sort differently between the two.
+    XBOX+ with M^2 = max|q|^2 + max|k|^2 per batch and key/value head (over its query group and its
+    real keys): q_hash[r] = q . a_r + sqrt(M^2 - |q|^2) a_r[D + 1], k_hash[r] = k . a_r +
+    sqrt(M^2 - |k|^2) a_r[D], +inf for padded keys; hash_projections (R, D + 2).
+    On CUDA (fp16/bf16/fp32) with triton installed two Triton kernels compute them from q and k in
+    their own dtype (scatterattn.kernels.lsh_hash; with N = S into one buffer, `joint`
+    (B, H + Hkv, R, N), so that one sort orders both); elsewhere, and beyond the kernels' grid limit
+    (batch x (H + Hkv) slices), torch does it on fp32 copies and joint is None. The two agree up to
+    fp32 summation order, so hashes that tie to the last bit may sort differently between the two.
     """
-    slices = math.prod(x.shape[:-2])
-    if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and slices <= triton_backend.MAX_BATCH_HEADS and triton_backend.triton_available()):
-        from .kernels.lsh_hash import norms_and_projections as kernel
+    batch, heads, n_q, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    n_rounds = hash_projections.shape[0]
+    proj = hash_projections.to(device=query.device, dtype=torch.float32)
+    if (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and batch * (heads + kv_heads) <= triton_backend.MAX_BATCH_HEADS and triton_backend.triton_available()):
+        from .kernels.lsh_hash import xbox_hashes as kernel
 
-        return kernel(x, directions)
-    xf = x.float()
-    return (xf * xf).sum(-1), xf @ directions.t()
+        return kernel(query, key, proj, key_valid)
+    qf, kf = query.float(), key.float()
+    q_sq = (qf * qf).sum(-1).reshape(batch, kv_heads, group, n_q)  # (B, Hkv, G, N)
+    q_proj = (qf @ proj[:, :dim].t()).reshape(batch, kv_heads, group, n_q, n_rounds)
+    k_sq, k_proj = (kf * kf).sum(-1), kf @ proj[:, :dim].t()  # (B, Hkv, S), (B, Hkv, S, R)
+    if key_valid is not None:
+        k_sq = torch.where(key_valid[:, None, :], k_sq, torch.zeros_like(k_sq))
+    m_sq = q_sq.amax(dim=(2, 3)) + k_sq.amax(dim=2)  # (B, Hkv)
+    q_ext = (m_sq[:, :, None, None] - q_sq).clamp_min(0).sqrt()
+    k_ext = (m_sq[:, :, None] - k_sq).clamp_min(0).sqrt()
+    q_hash = q_proj + q_ext.unsqueeze(-1) * proj[:, dim + 1]  # (B, Hkv, G, N, R)
+    k_hash = k_proj + k_ext.unsqueeze(-1) * proj[:, dim]  # (B, Hkv, S, R)
+    if key_valid is not None:
+        k_hash = k_hash.masked_fill(~key_valid[:, None, :, None], float("inf"))
+    return q_hash.reshape(batch, heads, n_q, n_rounds).transpose(-1, -2), k_hash.transpose(-1, -2), None
 
 
 def _lsh_plan_by_key_position(q_hash, k_hash, k_order, bucket_size, n_buckets, real_buckets, kv_heads, n_q, n_k):

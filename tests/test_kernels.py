@@ -346,56 +346,61 @@ def test_query_sub_blocks_and_small_key_blocks(monkeypatch, name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("dim", [24, 64])
-def test_lsh_hash_kernel_matches_torch(dtype, dim):
-    """The fused hashing pass (|x|^2 and x . a_r from x in its own dtype; no dot, so bf16 is fine in
-    the interpreter) against torch on an fp32 copy: 1e-5 relative (fp32 summation order)."""
+@pytest.mark.parametrize("dim,n_k,n_hashes,padded", [(24, 77, 3, True), (64, 77, 1, False), (64, 50, 2, True),
+                                                     (16, 130, 1, False)])
+def test_lsh_hash_kernels_match_torch(dtype, dim, n_k, n_hashes, padded):
+    """The hashing kernels (norms, projections, per-head maxima and XBOX+ hashes from q and k in their
+    own dtype; no dot, so bf16 is fine in the interpreter) against the torch version on fp32 copies:
+    1e-5 relative (fp32 summation order), padded keys +inf exactly. With N = S one buffer holds both."""
     from scatterattn import sparsity
-    from scatterattn.kernels.lsh_hash import norms_and_projections
+    from scatterattn.kernels.lsh_hash import xbox_hashes
 
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(2, 3, 77, dim, generator=gen) * 3).to(dtype).to(DEVICE)
-    directions = torch.randn(3, dim, generator=gen).to(DEVICE)
-    sq, proj = norms_and_projections(x, directions)
-    xf = x.float()
-    assert sq.shape == (2, 3, 77) and proj.shape == (2, 3, 77, 3)
-    assert rel(sq, (xf * xf).sum(-1)) < 1e-5
-    assert rel(proj, xf @ directions.t()) < 1e-5
-    if DEVICE == "cpu":  # on CUDA lsh_plan uses the kernel anyway
-        assert sparsity.norms_and_projections(x, directions)[1].dtype == torch.float32
+    q = (torch.randn(2, 4, 77, dim, generator=gen) * 3).to(dtype).to(DEVICE)
+    k = (torch.randn(2, 2, n_k, dim, generator=gen) * 2).to(dtype).to(DEVICE)
+    k[1, 0, 3] *= 4  # the largest |k| of one (batch, head) only: its M differs from the others'
+    valid = None
+    if padded:
+        valid = torch.ones(2, n_k, dtype=torch.bool, device=DEVICE)
+        valid[0, -n_k // 3:] = False
+        valid[0, 5] = False
+        k[0, :, 5] *= 10  # a padded key's norm must not enter M
+    directions = torch.randn(n_hashes, dim + 2, generator=gen).to(DEVICE)
+    q_hash, k_hash, joint = xbox_hashes(q, k, directions, valid)
+    want_q, want_k, no_joint = sparsity.xbox_hashes(q.cpu(), k.cpu(), directions.cpu(), None if valid is None else valid.cpu())
+    assert no_joint is None
+    assert q_hash.shape == (2, 4, n_hashes, 77) and k_hash.shape == (2, 2, n_hashes, n_k)
+    assert rel(q_hash, want_q) < 1e-5
+    assert torch.equal(torch.isinf(k_hash).cpu(), torch.isinf(want_k))
+    assert rel(k_hash.nan_to_num(posinf=0.0), want_k.nan_to_num(posinf=0.0)) < 1e-5
+    if n_k == 77:
+        assert joint.shape == (2, 6, n_hashes, 77)
+        assert joint[:, :4].data_ptr() == q_hash.data_ptr() and joint[:, 4:].data_ptr() == k_hash.data_ptr()
+    else:
+        assert joint is None
 
 
-def test_host_integer_helpers_equal_triton():
-    """The launchers' plain-Python cdiv and next_power_of_2 (kernels/host.py) give triton's results."""
-    import triton
-
-    from scatterattn.kernels.host import cdiv, next_power_of_2
-
-    for n in [*range(0, 300), 1023, 1024, 1025, 65535, 65536, 65537]:
-        assert next_power_of_2(n) == triton.next_power_of_2(n), n
-        for b in (1, 3, 16, 64, 128):
-            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
-
-
-def test_lsh_plan_same_with_the_hash_kernel(monkeypatch):
-    """lsh_plan with the fused hashing pass builds the same buckets as with torch (random inputs,
-    no ties), GQA and key padding included."""
+@pytest.mark.parametrize("n_k", [150, 130], ids=["N=S", "N!=S"])
+def test_lsh_plan_same_with_the_hash_kernels(monkeypatch, n_k):
+    """lsh_plan with the hashing kernels (one sort of the joint buffer when N = S) builds the same
+    buckets as with torch (random inputs, no ties), GQA and key padding included."""
     from scatterattn import sparsity
-    from scatterattn.kernels.lsh_hash import norms_and_projections
+    from scatterattn.kernels.lsh_hash import xbox_hashes
 
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 4, 150, 16, generator=gen).to(DEVICE)
-    k = torch.randn(2, 2, 130, 16, generator=gen).to(DEVICE)
-    valid = torch.ones(2, 130, dtype=torch.bool, device=DEVICE)
+    k = torch.randn(2, 2, n_k, 16, generator=gen).to(DEVICE)
+    valid = torch.ones(2, n_k, dtype=torch.bool, device=DEVICE)
     valid[1, -30:] = False
     proj = draw_hash_projections(2, 16, generator=gen)
     kw = dict(bucket_size=16, hash_projections=proj, key_valid=valid)
-    monkeypatch.setattr(sparsity, "norms_and_projections", lambda x, d: ((x.float() ** 2).sum(-1), x.float() @ d.t()))
-    with_torch = sparsity.lsh_plan(q, k, **kw)
-    monkeypatch.setattr(sparsity, "norms_and_projections", norms_and_projections)
-    with_kernel = sparsity.lsh_plan(q, k, **kw)
+    with_kernels = sparsity.lsh_plan(q, k, **kw)
+    with_torch = sparsity.lsh_plan(q.cpu(), k.cpu(), **dict(kw, key_valid=valid.cpu()))
+    if DEVICE == "cpu":
+        monkeypatch.setattr(sparsity, "xbox_hashes", xbox_hashes)
+        with_kernels = sparsity.lsh_plan(q, k, **kw)
     for name in ("q_index", "k_index", "q_bucket", "k_bucket"):
-        assert torch.equal(getattr(with_kernel, name), getattr(with_torch, name)), name
+        assert torch.equal(getattr(with_kernels, name).cpu(), getattr(with_torch, name)), name
 
 
 def test_backward_takes_the_upstream_gradient_strides():
