@@ -17,6 +17,7 @@ LSH buckets shared by several query chunks under key padding). Hashing carries n
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,13 @@ class SparsePlan:
     @property
     def n_rounds(self) -> int:
         return self.q_index.shape[-3]
+
+    @functools.cached_property
+    def int32_indices(self) -> tuple:
+        """(q_index, k_index, q_bucket, k_bucket) in the kernels' int32 (None where absent), made
+        once per plan (a cached local plan: once)."""
+        tensors = (self.q_index, self.k_index, self.q_bucket, self.k_bucket)
+        return tuple(None if t is None else t.to(torch.int32).contiguous() for t in tensors)
 
 
 def lsh_plan(
@@ -204,7 +212,16 @@ def local_plan(
 
     Query tiles are contiguous blocks of `block` positions; each tile's keys are the band
     [start - h, start + block - 1 + h], h = window // 2, and the plan's `band` keeps |i - j| <= h.
+    The plan depends only on its arguments, so outside torch.compile the last 16 are kept and
+    returned again (the same tensors, which nothing writes to): an eager call then makes no device
+    work for it, where building it takes some fifteen small ops.
     """
+    if torch.compiler.is_compiling():
+        return _build_local_plan(num_queries, num_keys, window, torch.device(device), block)
+    return _cached_local_plan(num_queries, num_keys, window, torch.device(device), block)
+
+
+def _build_local_plan(num_queries: int, num_keys: int, window: int, device: torch.device, block: int) -> SparsePlan:
     half = window // 2
     tq = max(1, min(block, num_queries))
     n_tiles = math.ceil(num_queries / tq)
@@ -224,3 +241,6 @@ def local_plan(
         num_keys=num_keys,
         band=half,
     )
+
+
+_cached_local_plan = functools.lru_cache(maxsize=16)(_build_local_plan)

@@ -153,11 +153,14 @@ def _direct_call(q: torch.Tensor) -> bool:
 
 
 def _plan_tensors(plan):
-    """The plan's index tensors in the kernels' int32, converted once for forward and backward."""
+    """The plan's index tensors in the kernels' int32, converted once for forward and backward
+    (`SparsePlan.int32_indices`; under torch.compile converted in the graph)."""
     if plan is None:
         return (None, None, None, None), None
-    tensors = (plan.q_index, plan.k_index, plan.q_bucket, plan.k_bucket)
-    return tuple(None if t is None else t.to(torch.int32).contiguous() for t in tensors), plan.band
+    if torch.compiler.is_compiling():
+        tensors = (plan.q_index, plan.k_index, plan.q_bucket, plan.k_bucket)
+        return tuple(None if t is None else t.to(torch.int32).contiguous() for t in tensors), plan.band
+    return plan.int32_indices, plan.band
 
 
 def plan_covers_every_pair(plan) -> bool:

@@ -231,6 +231,25 @@ def test_one_round_lsh_key_lists_are_disjoint_or_repeat_the_previous_tile(n_q):
 # ---------------------------------------------------------------- random features
 
 
+def test_local_plans_are_built_once_per_shape():
+    """Eager local_plan returns the kept plan for the same sizes, window and device (the same
+    tensors, and its int32 copies made once); another shape gets a plan of its own, equal to a
+    fresh build."""
+    from scatterattn import sparsity
+
+    first = sparsity.local_plan(300, 280, window=40, device="cpu")
+    again = sparsity.local_plan(300, 280, window=40, device=torch.device("cpu"))
+    assert again is first and again.int32_indices is first.int32_indices
+    other = sparsity.local_plan(300, 281, window=40, device="cpu")
+    assert other is not first
+    fresh = sparsity._build_local_plan(300, 281, 40, torch.device("cpu"), 64)
+    assert torch.equal(other.q_index, fresh.q_index) and torch.equal(other.k_index, fresh.k_index)
+    assert (other.band, other.num_queries, other.num_keys) == (fresh.band, 300, 281)
+    q32, k32, qb, kb = other.int32_indices
+    assert q32.dtype == k32.dtype == torch.int32 and qb is None and kb is None
+    assert torch.equal(q32.long(), other.q_index) and torch.equal(k32.long(), other.k_index)
+
+
 def test_feature_estimator_is_unbiased():
     """The mean of phi(x).phi(y) over independent orthogonal draws converges to exp(x.y)."""
     dim, m = 4, 4
