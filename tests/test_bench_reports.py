@@ -137,3 +137,25 @@ def test_profile_counts_device_time_once():
                 event("aten::empty", DeviceType.CPU, 0.0, 2.0)]
     assert [e.key for e in profile.timed_events(averages, cuda=True)] == ["fwd_kernel", "gemm_kernel"]
     assert [e.key for e in profile.timed_events(averages, cuda=False)] == ["aten::mm", "aten::empty"]
+
+
+def test_host_overhead_counts_launches_and_device_ops(tmp_path):
+    """bench/host_overhead.py on a tiny shape: every Triton launch is counted and none runs (the
+    stub is undone afterwards), the LSH hashing takes the kernels' path, and the local plan's
+    ops are gone from the second call on."""
+    host = _load("host_overhead")
+    args = ["--seq-lens", "80", "--heads", "1", "--head-dim", "16", "--features", "16", "--bucket", "16",
+            "--out", str(tmp_path / "host.md")]
+    report = host.main(args)
+    assert (tmp_path / "host.md").read_text() == report
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 80 |")]
+    assert [(r[1], r[2]) for r in rows] == [("sb-lsh", "forward"), ("sb-lsh", "forward+backward"),
+                                            ("sb-local", "forward"), ("sb-local", "forward+backward")]
+    launches = {(r[1], r[2]): int(r[4]) for r in rows}
+    # SB-LSH: hashing 2, key state, forward; backward: row statistics, query state, dq, dk/dv
+    assert launches[("sb-lsh", "forward")] == 4 and launches[("sb-lsh", "forward+backward")] == 8
+    assert launches[("sb-local", "forward")] == 2  # key state, per-pair forward
+    assert rows[2][3].startswith("1 (copies (to) 1)")  # the feature matrix's cast; the plan is kept
+    assert float(rows[0][5].rstrip(" |")) > 0
+    from triton.runtime.interpreter import InterpretedFunction
+    assert InterpretedFunction.run.__name__ == "run" and InterpretedFunction.run.__module__.startswith("triton")
