@@ -159,3 +159,19 @@ def test_host_overhead_counts_launches_and_device_ops(tmp_path):
     assert float(rows[0][5].rstrip(" |")) > 0
     from triton.runtime.interpreter import InterpretedFunction
     assert InterpretedFunction.run.__name__ == "run" and InterpretedFunction.run.__module__.startswith("triton")
+
+
+def test_launch_binding_times_every_launch():
+    """bench/launch_binding.py (own process: it needs the real JIT functions, not the interpreter's)
+    times the binder of each launch the LSH launchers make."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(BENCH / "launch_binding.py"), "--n", "256"], capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "_kernel" in line]
+    kernels = {r[0].lstrip("| ") for r in rows}
+    assert {"full_tile_fwd_kernel", "full_tile_bwd_dkdv_kernel", "norms_projections_kernel", "xbox_hash_kernel"} <= kernels
+    assert all(int(r[1]) > 0 and float(r[2].rstrip(" |")) > 0 for r in rows)
