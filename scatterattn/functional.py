@@ -132,9 +132,12 @@ def prepare(
     feature_matrix=None,
     hash_projections=None,
     generator=None,
+    inputs_validated: bool = False,
 ) -> PreparedAttention:
-    """Validate inputs, draw or check the random parameters and build the sparse plan."""
-    validate_qkv(query, key, value, key_padding_mask, scale)
+    """Validate inputs (unless the caller already ran `validate_qkv` on them: inputs_validated),
+    draw or check the random parameters and build the sparse plan."""
+    if not inputs_validated:
+        validate_qkv(query, key, value, key_padding_mask, scale)
     dim = query.shape[-1]
     need_draw = (config.has_low_rank and feature_matrix is None) or (
         config.sparse == "lsh" and hash_projections is None

@@ -132,6 +132,7 @@ class ScatterbrainAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             feature_matrix=self.feature_matrix if self.config.has_low_rank else None,
             hash_projections=self.hash_projections if self.config.sparse == "lsh" else None,
+            inputs_validated=True,
         )
         return run_prepared(query, key, value, prepared, self.backend)
 
