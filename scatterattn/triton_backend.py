@@ -147,20 +147,18 @@ def _(q, k, v, out, grad_out, w, kv, z, g, den, stab, q_index, k_index, q_bucket
 def _direct_call(q: torch.Tensor) -> bool:
     """Whether to run the launchers without the custom operators: in eager mode on plain tensors.
     Under torch.compile or export, under any dispatch mode (FakeTensorMode, make_fx, a user's
-    TorchDispatchMode) and for tensor subclasses, the operators are what such callers see."""
+    TorchDispatchMode) and for tensor subclasses, the operators are what such callers see; so is a
+    backward with create_graph=True (the backward operator refuses a second derivative)."""
     return (type(q) is torch.Tensor and not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def _plan_tensors(plan):
     """The plan's index tensors in the kernels' int32, converted once for forward and backward
-    (`SparsePlan.int32_indices`; under torch.compile converted in the graph)."""
+    (a kept local plan carries them: `SparsePlan.kernel_indices`)."""
     if plan is None:
         return (None, None, None, None), None
-    if torch.compiler.is_compiling():
-        tensors = (plan.q_index, plan.k_index, plan.q_bucket, plan.k_bucket)
-        return tuple(None if t is None else t.to(torch.int32).contiguous() for t in tensors), plan.band
-    return plan.int32_indices, plan.band
+    return plan.kernel_indices or plan.int32_indices(), plan.band
 
 
 def plan_covers_every_pair(plan) -> bool:
@@ -198,7 +196,9 @@ class ScatterbrainTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, den, stab, w, kv, z, g, *plan_tensors, key_valid = ctx.saved_tensors
-        backward = scatterbrain_backward if _direct_call(grad_out) else scatterbrain_backward_op
+        # (create_graph=True: through the operator, which refuses a second derivative it has no formula for)
+        direct = _direct_call(grad_out) and not torch.is_grad_enabled()
+        backward = scatterbrain_backward if direct else scatterbrain_backward_op
         dq, dk, dv = backward(q, k, v, out, grad_out, w, kv, z, g, den, stab, *plan_tensors, key_valid, ctx.scale,
                               ctx.band)
         return dq, dk, dv, None, None, None, None

@@ -345,6 +345,18 @@ def test_query_sub_blocks_and_small_key_blocks(monkeypatch, name):
     check(torch.float32, 2, 4, 2, 70, 61, 16, settings, padded=True)
 
 
+def test_host_integer_helpers_equal_triton():
+    """The launchers' plain-Python cdiv and next_power_of_2 (kernels/host.py) give triton's results."""
+    import triton
+
+    from scatterattn.kernels.host import cdiv, next_power_of_2
+
+    for n in [*range(0, 300), 1023, 1024, 1025, 65535, 65536, 65537]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 64, 128):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("dim,n_k,n_hashes,padded", [(24, 77, 3, True), (64, 77, 1, False), (64, 50, 2, True),
                                                      (16, 130, 1, False)])
@@ -566,6 +578,17 @@ def test_fp32_dots_follow_torch_tf32_setting():
     for got, want in results:
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
             assert rel(a, b) < 5e-3, (name, rel(a, b))
+
+
+def test_second_derivatives_are_refused_not_dropped():
+    """The kernels' backward has no derivative of its own: a gradient penalty through it
+    (create_graph=True) raises instead of silently leaving out the attention's second-order term."""
+    mod = sa.ScatterbrainAttention(16, **dict(SETTINGS["local"], num_features=16), seed=0, backend="triton").to(DEVICE)
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE).requires_grad_() for _ in range(3))
+    out = mod(q, k, v)
+    with pytest.raises(RuntimeError):
+        (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        (grad_q.square().sum() + q.square().sum()).backward()  # (the second term alone would run)
 
 
 def test_eager_calls_run_the_launchers_without_the_operator_dispatch(monkeypatch):

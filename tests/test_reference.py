@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import scatterattn as sa
+from scatterattn.triton_backend import unsupported_reason
 from scatterattn.features import draw_feature_matrix, positive_features
 
 F64 = torch.float64
@@ -233,21 +234,53 @@ def test_one_round_lsh_key_lists_are_disjoint_or_repeat_the_previous_tile(n_q):
 
 def test_local_plans_are_built_once_per_shape():
     """Eager local_plan returns the kept plan for the same sizes, window and device (the same
-    tensors, and its int32 copies made once); another shape gets a plan of its own, equal to a
-    fresh build."""
+    tensors, with its int32 copies for the kernels); another shape gets a plan of its own, equal to
+    a fresh build."""
     from scatterattn import sparsity
 
     first = sparsity.local_plan(300, 280, window=40, device="cpu")
     again = sparsity.local_plan(300, 280, window=40, device=torch.device("cpu"))
-    assert again is first and again.int32_indices is first.int32_indices
+    assert again is first
     other = sparsity.local_plan(300, 281, window=40, device="cpu")
     assert other is not first
     fresh = sparsity._build_local_plan(300, 281, 40, torch.device("cpu"), 64)
     assert torch.equal(other.q_index, fresh.q_index) and torch.equal(other.k_index, fresh.k_index)
     assert (other.band, other.num_queries, other.num_keys) == (fresh.band, 300, 281)
-    q32, k32, qb, kb = other.int32_indices
+    assert fresh.kernel_indices is None
+    q32, k32, qb, kb = other.kernel_indices
     assert q32.dtype == k32.dtype == torch.int32 and qb is None and kb is None
     assert torch.equal(q32.long(), other.q_index) and torch.equal(k32.long(), other.k_index)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_kept_local_plans_are_real_trainable_tensors(backend):
+    """A plan first built in inference mode or under FakeTensorMode is not kept: training after a
+    no-grad validation pass works, a shape pass with fake tensors leaves real calls real, and a fake
+    pass after a real call does not see the kept real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from scatterattn import sparsity
+
+    if backend == "triton" and unsupported_reason(torch.zeros(1, 1, 1, 16), False) is not None:
+        pytest.skip(f"Triton kernels unavailable: {unsupported_reason(torch.zeros(1, 1, 1, 16), False)}")
+    sparsity._KEPT_LOCAL_PLANS.clear()
+    kw = dict(sparse="local", window=8, num_features=16, seed=0, backend=backend)
+    mod = sa.ScatterbrainAttention(16, **kw)
+    x = [torch.randn(1, 2, 40, 16) for _ in range(3)]
+    with torch.inference_mode():
+        mod(*x)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert mod(*[mode.from_tensor(t) for t in x]).shape == (1, 2, 40, 16)
+    assert not sparsity._KEPT_LOCAL_PLANS
+    xs = [t.clone().requires_grad_() for t in x]
+    out = mod(*xs)
+    out.sum().backward()
+    assert type(out) is torch.Tensor and all(t.grad is not None for t in xs)
+    assert len(sparsity._KEPT_LOCAL_PLANS) == 1
+    with FakeTensorMode():
+        fake_mod = sa.ScatterbrainAttention(16, **kw)
+        out = fake_mod(*[torch.empty(1, 2, 40, 16) for _ in range(3)])
+    assert isinstance(out, FakeTensor)
 
 
 def test_feature_estimator_is_unbiased():
