@@ -76,6 +76,29 @@ def test_64k_tokens_diffuse_attention_with_large_value_sums(dtype):
     assert (out.float() - 2).abs().max() < 0.1
 
 
+def test_lsh_hash_kernels_64k_tokens_gqa_padding():
+    """The hashing kernels at 65,536 tokens (GQA, key padding, 2 rounds, norms up to 30; offsets past
+    int32 for the largest buffers would show here) against torch on fp32 copies: 1e-5 relative,
+    the same +inf keys."""
+    from scatterattn import sparsity
+    from scatterattn.kernels.lsh_hash import xbox_hashes
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1, 8, 65536, 64, device="cuda", generator=gen)
+    k = torch.randn(1, 2, 65536, 64, device="cuda", generator=gen)
+    q, k = (x * torch.rand(x.shape[:-1] + (1,), device="cuda", generator=gen) * 30 for x in (q, k))
+    q, k = q.bfloat16(), k.bfloat16()
+    valid = torch.ones(1, 65536, dtype=torch.bool, device="cuda")
+    valid[0, -1000:] = False
+    directions = draw_hash_projections(2, 64, generator=torch.Generator().manual_seed(4)).cuda()
+    q_hash, k_hash, joint = xbox_hashes(q, k, directions, valid)
+    want_q, want_k, _ = sparsity.xbox_hashes(q.cpu(), k.cpu(), directions.cpu(), valid.cpu())
+    assert joint is not None and joint.shape == (1, 10, 2, 65536)
+    assert rel(q_hash.cpu(), want_q) < 1e-5
+    assert torch.equal(torch.isinf(k_hash).cpu(), torch.isinf(want_k))
+    assert rel(k_hash.nan_to_num(posinf=0.0).cpu(), want_k.nan_to_num(posinf=0.0)) < 1e-5
+
+
 def test_memory_is_linear():
     """Forward + backward peak at 64k tokens stays far below one N x N score matrix per head."""
     torch.cuda.empty_cache()
