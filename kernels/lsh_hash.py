@@ -10,7 +10,8 @@ ops (each a kernel launch):
   * xbox_hash_kernel: the XBOX+ hash of each row in each round, with M^2 = max|q|^2 + max|k|^2,
         q: q . a_r + sqrt(M^2 - |q|^2) a_r[D + 1],     k: k . a_r + sqrt(M^2 - |k|^2) a_r[D],
     +inf for padded keys, written in (slice, round, position) order, ready for a sort along the
-    sequence. With N = S, q's and k's hashes share one buffer, so that one sort orders both.
+    sequence, into one buffer (the kernel writes a single tensor): q's then k's, or with N = S
+    (B, H + Hkv, R, N), so that one sort orders both.
 Equal to the torch version up to fp32 summation order and fused multiply-adds (1e-6 relative).
 """
 
@@ -59,10 +60,12 @@ def norms_projections_kernel(Q, K, DIRS, SQ, PROJ, SQ_MAX, VALID, N, S, D, R, HE
 
 
 @triton.jit
-def xbox_hash_kernel(SQ, PROJ, SQ_MAX, DIRS, VALID, Q_HASH, K_HASH, N, S, D, R, HEADS, GROUP, KV_HEADS,
-                     stride_dr, stride_valid_b, L, stride_qhb, stride_qhh, stride_qhr, stride_khb, stride_khh,
-                     stride_khr, HAS_VALID: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (row block, slice), slices as above: Q_HASH[b, h, r, n], K_HASH[b, j, r, s] (fp32)."""
+def xbox_hash_kernel(SQ, PROJ, SQ_MAX, DIRS, VALID, HASH, N, S, D, R, HEADS, GROUP, KV_HEADS,
+                     stride_dr, stride_valid_b, L, stride_qhb, stride_qhh, stride_qhr, k_hash_offset, stride_khb,
+                     stride_khh, stride_khr, HAS_VALID: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (row block, slice), slices as above: q_hash[b, h, r, n] at HASH + b stride_qhb + h stride_qhh
+    + r stride_qhr + n, k_hash[b, j, r, s] at HASH + k_hash_offset + the same with k's strides (fp32;
+    one buffer, so that the kernel writes a single tensor)."""
     pid_n = tl.program_id(0)
     p = tl.program_id(1)
     batches = tl.num_programs(1) // (HEADS + KV_HEADS)
@@ -74,10 +77,9 @@ def xbox_hash_kernel(SQ, PROJ, SQ_MAX, DIRS, VALID, Q_HASH, K_HASH, N, S, D, R, 
     in_range = rows < tl.where(is_key, S, N)
     stride_hr = tl.where(is_key, stride_khr, stride_qhr)
     ext_col = tl.where(is_key, D, D + 1)  # k' = [k, sqrt(M^2 - |k|^2), 0], q' = [q, 0, sqrt(M^2 - |q|^2)]
-    if is_key:
-        hash_ptr = K_HASH + batch.to(tl.int64) * stride_khb + (slot % KV_HEADS) * stride_khh + rows
-    else:
-        hash_ptr = Q_HASH + batch.to(tl.int64) * stride_qhb + (p % HEADS) * stride_qhh + rows
+    k_start = k_hash_offset + batch.to(tl.int64) * stride_khb + (slot % KV_HEADS) * stride_khh
+    q_start = batch.to(tl.int64) * stride_qhb + (p % HEADS) * stride_qhh
+    hash_ptr = HASH + tl.where(is_key, k_start, q_start) + rows
     m_sq = (tl.load(SQ_MAX + slot).to(tl.float32, bitcast=True)
             + tl.load(SQ_MAX + batches * KV_HEADS + slot).to(tl.float32, bitcast=True))
     out_rows = p.to(tl.int64) * L + rows
@@ -115,12 +117,13 @@ def xbox_hashes(query: torch.Tensor, key: torch.Tensor, directions: torch.Tensor
     valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else sq_max
     valid_stride = valid.stride(0) if key_valid is not None else 0
     if n_q == n_k:
-        joint = torch.empty(batch, heads + kv_heads, n_rounds, n_q, device=device, dtype=torch.float32)
+        joint = hashes = torch.empty(batch, heads + kv_heads, n_rounds, n_q, device=device, dtype=torch.float32)
         q_hash, k_hash = joint[:, :heads], joint[:, heads:]
-    else:
-        joint = None
-        q_hash = torch.empty(batch, heads, n_rounds, n_q, device=device, dtype=torch.float32)
-        k_hash = torch.empty(batch, kv_heads, n_rounds, n_k, device=device, dtype=torch.float32)
+    else:  # q's hashes, then k's, in one flat buffer
+        joint, q_size = None, batch * heads * n_rounds * n_q
+        hashes = torch.empty(q_size + batch * kv_heads * n_rounds * n_k, device=device, dtype=torch.float32)
+        q_hash = hashes[:q_size].view(batch, heads, n_rounds, n_q)
+        k_hash = hashes[q_size:].view(batch, kv_heads, n_rounds, n_k)
     block_d = max(16, next_power_of_2(dim))
     grid = (cdiv(length, block_n), slices)
     sizes = (n_q, n_k, dim, n_rounds, heads, heads // kv_heads, kv_heads)
@@ -130,8 +133,8 @@ def xbox_hashes(query: torch.Tensor, key: torch.Tensor, directions: torch.Tensor
         HAS_VALID=key_valid is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
     )
     xbox_hash_kernel[grid](
-        sq, proj, sq_max, dirs, valid, q_hash, k_hash, *sizes, dirs.stride(0), valid_stride, length,
-        q_hash.stride(0), q_hash.stride(1), q_hash.stride(2), k_hash.stride(0), k_hash.stride(1), k_hash.stride(2),
+        sq, proj, sq_max, dirs, valid, hashes, *sizes, dirs.stride(0), valid_stride, length,
+        *q_hash.stride()[:3], k_hash.storage_offset(), *k_hash.stride()[:3],
         HAS_VALID=key_valid is not None, BLOCK_N=block_n,
     )
     return q_hash, k_hash, joint
