@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -224,21 +225,24 @@ def local_plan(
     key = (num_queries, num_keys, window, torch.device(device), block)
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return _build_local_plan(*key)
-    plan = _KEPT_LOCAL_PLANS.get(key)
-    if plan is not None:
-        _KEPT_LOCAL_PLANS.move_to_end(key)
-        return plan
+    with _KEPT_LOCAL_PLANS_LOCK:
+        plan = _KEPT_LOCAL_PLANS.get(key)
+        if plan is not None:
+            _KEPT_LOCAL_PLANS.move_to_end(key)
+            return plan
     plan = _build_local_plan(*key)
     if torch.is_inference_mode_enabled() or (key[3].type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return plan  # inference tensors cannot be saved for backward; a capture does not run its ops
     plan = dataclasses.replace(plan, kernel_indices=plan.int32_indices())
-    _KEPT_LOCAL_PLANS[key] = plan
-    if len(_KEPT_LOCAL_PLANS) > 16:
-        _KEPT_LOCAL_PLANS.popitem(last=False)
+    with _KEPT_LOCAL_PLANS_LOCK:
+        _KEPT_LOCAL_PLANS[key] = plan
+        if len(_KEPT_LOCAL_PLANS) > 16:
+            _KEPT_LOCAL_PLANS.popitem(last=False)
     return plan
 
 
 _KEPT_LOCAL_PLANS: collections.OrderedDict = collections.OrderedDict()
+_KEPT_LOCAL_PLANS_LOCK = threading.Lock()  # (threads serving different shapes share the kept plans)
 
 
 def _build_local_plan(num_queries: int, num_keys: int, window: int, device: torch.device, block: int) -> SparsePlan:
