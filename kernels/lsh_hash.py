@@ -114,7 +114,7 @@ def xbox_hashes(query: torch.Tensor, key: torch.Tensor, directions: torch.Tensor
     sq = torch.empty(slices, length, device=device, dtype=torch.float32)
     proj = torch.empty(slices, length, n_rounds, device=device, dtype=torch.float32)
     sq_max = torch.zeros(2, batch * kv_heads, device=device, dtype=torch.int32)
-    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else sq_max
+    valid = key_valid.contiguous() if key_valid is not None else sq_max  # (bool or int8: Triton loads *i1 as bytes)
     valid_stride = valid.stride(0) if key_valid is not None else 0
     if n_q == n_k:
         joint = hashes = torch.empty(batch, heads + kv_heads, n_rounds, n_q, device=device, dtype=torch.float32)

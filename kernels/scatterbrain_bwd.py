@@ -630,7 +630,7 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     else:
         dk = torch.zeros(batch, kv_heads, n_k, dim, device=device, dtype=torch.float32)
         dv = torch.zeros(batch, kv_heads, n_k, v_dim, device=device, dtype=torch.float32)
-    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dk
+    valid = key_valid.contiguous() if key_valid is not None else dk  # (bool or int8: Triton loads *i1 as bytes)
     valid_stride = valid.stride(0) if key_valid is not None else 0
 
     if has_features:

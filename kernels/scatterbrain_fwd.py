@@ -598,7 +598,7 @@ def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype
     tiles = KernelTiles.from_plan(plan, batch, heads, kv_heads, n_q, device)
     n_rounds, n_tiles, tq, tk = tiles.n_rounds, tiles.n_tiles, tiles.tq, tiles.tk
     q_index, k_index, q_bucket, k_bucket = tiles.q_index, tiles.k_index, tiles.q_bucket, tiles.k_bucket
-    valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else q_index
+    valid = key_valid.contiguous() if key_valid is not None else q_index  # (bool or int8: Triton loads *i1 as bytes)
     kv, z, g = state if has_features else (q, q, q)
     w_arg = w if has_features else q
     m = w.shape[0] if has_features else 0
