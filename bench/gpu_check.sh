@@ -49,9 +49,13 @@ stage "chained gradient: m 128 at 64k (the 10x question), causal at 8k and 64k" 
 stage "SB-LSH under torch.compile (reduce-overhead) at 1k and 4k" 60 "$out_dir/bench_compiled.log" \
   python3 bench/kernels.py --seq-lens 1024 4096 --methods sdpa sb-lsh sb-lsh-compiled --compiled \
     --no-profile --no-graphs --out /tmp/scatterattn-compiled
-# one archive: the device tool returns at most 8 files from $OUT (the logs above are 7)
+stage "host cost on this machine's CPU (launches stubbed; Triton's argument binding)" 40 bench/results/host_cost.log \
+  bash -c "python3 bench/host_overhead.py --seq-lens 256 --out bench/results/host_overhead_gpu_host.md;
+           TRITON_INTERPRET=0 python3 bench/launch_binding.py --out bench/results/launch_binding_gpu_host.md"
+# one archive: the device tool returns at most 8 files from $OUT (the logs above are 7; the host-cost
+# log goes into the archive)
 archive="$(cd "$out_dir" && pwd)/results.tgz"
-(cd bench/results && tar czf "$archive" kernels-* lora-backward-* 2>/dev/null) || true
+(cd bench/results && tar czf "$archive" kernels-* lora-backward-* *_gpu_host.md host_cost.log 2>/dev/null) || true
 
 echo "== summary (${SECONDS}s of ${budget}s)"
 for log in gpu_tests gpu_kernel_tests; do  # the pytest summary, or the counts so far of a cut run
@@ -64,3 +68,4 @@ sed -n '/^| N |/,/^$/p' "$out_dir/bench_kernels.log"
 grep -h "^| .* | sb-lsh-compiled |\|^- \[.*torch.compile" "$out_dir/bench_compiled.log" 2>/dev/null
 grep -h "^- \[" "$out_dir/bench_kernels.log" "$out_dir/bench_lora.log" "$out_dir/kernel_configs.log" 2>/dev/null
 grep -h " ms " "$out_dir/bench_lora.log" "$out_dir/bench_lora_more.log" 2>/dev/null | grep -v "^|" | tail -14
+grep -h "^| 256 | sb-lsh" bench/results/host_cost.log 2>/dev/null
