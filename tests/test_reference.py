@@ -261,12 +261,14 @@ def test_kept_local_plans_are_real_trainable_tensors(backend):
 
     from scatterattn import sparsity
 
-    if backend == "triton" and unsupported_reason(torch.zeros(1, 1, 1, 16), False) is not None:
-        pytest.skip(f"Triton kernels unavailable: {unsupported_reason(torch.zeros(1, 1, 1, 16), False)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = unsupported_reason(torch.zeros(1, 1, 1, 16, device=device), False)
+    if backend == "triton" and reason is not None:
+        pytest.skip(f"Triton kernels unavailable: {reason}")
     sparsity._KEPT_LOCAL_PLANS.clear()
     kw = dict(sparse="local", window=8, num_features=16, seed=0, backend=backend)
-    mod = sa.ScatterbrainAttention(16, **kw)
-    x = [torch.randn(1, 2, 40, 16) for _ in range(3)]
+    mod = sa.ScatterbrainAttention(16, **kw).to(device)
+    x = [torch.randn(1, 2, 40, 16, device=device) for _ in range(3)]
     with torch.inference_mode():
         mod(*x)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -278,8 +280,8 @@ def test_kept_local_plans_are_real_trainable_tensors(backend):
     assert type(out) is torch.Tensor and all(t.grad is not None for t in xs)
     assert len(sparsity._KEPT_LOCAL_PLANS) == 1
     with FakeTensorMode():
-        fake_mod = sa.ScatterbrainAttention(16, **kw)
-        out = fake_mod(*[torch.empty(1, 2, 40, 16) for _ in range(3)])
+        fake_mod = sa.ScatterbrainAttention(16, **kw).to(device)
+        out = fake_mod(*[torch.empty(1, 2, 40, 16, device=device) for _ in range(3)])
     assert isinstance(out, FakeTensor)
 
 
