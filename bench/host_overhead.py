@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors pass the kernels' device check; no launch runs
@@ -32,7 +30,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors pass the kernels' device che
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import git_commit  # noqa: E402
+from provenance import cpu_report  # noqa: E402
 
 # torch ops that allocate, view or alias: no device work on a GPU (to: counted by its copies)
 NO_DEVICE_WORK = {
@@ -154,25 +152,14 @@ def main(argv=None) -> str:
     parser.add_argument("--bucket", type=int, default=128)
     parser.add_argument("--out", default=None, help="write the report (markdown) here")
     args = parser.parse_args(argv)
-    import triton
-
     rows = [row for n in map(int, args.seq_lens.split(",")) for method in args.methods.split(",")
             for row in measure(n, method, args)]
-    report = "\n".join([
-        f"# Host cost of eager calls, launches stubbed ({date.today().isoformat()}, commit {git_commit()})",
-        "",
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"triton {triton.__version__}; B 1, H {args.heads}, D {args.head_dim}, fp16, m {args.features}, "
-        f"bucket / window {args.bucket}. `bench/host_overhead.py`: no kernel runs; host ms excludes the "
-        "Triton launches' own cost on a GPU host and includes the CPU cost of torch ops on CPU tensors.",
-        "",
-        table(rows),
-        "",
-    ])
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report)
-    return report
+    return cpu_report(
+        "Host cost of eager calls, launches stubbed",
+        f"B 1, H {args.heads}, D {args.head_dim}, fp16, m {args.features}, bucket / window {args.bucket}. "
+        "`bench/host_overhead.py`: no kernel runs; host ms excludes the Triton launches' own cost on a GPU "
+        "host and includes the CPU cost of torch ops on CPU tensors.",
+        [table(rows)], args.out)
 
 
 if __name__ == "__main__":

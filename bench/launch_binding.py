@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # the real JIT functions (their binders), not the interpreter's
@@ -26,7 +24,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # the real JIT functions (their binders), 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import git_commit  # noqa: E402
+from provenance import cpu_report  # noqa: E402
 
 
 def binder_us(kernel, args, kwargs, calls: int = 2000) -> float:
@@ -51,8 +49,6 @@ def main(argv=None) -> str:
     parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    import triton
-
     from scatterattn.kernels import offline_compile as oc
 
     recorders = oc.record_scatterbrain(torch.bfloat16, oc.SCATTERBRAIN_CASES[args.case], n=args.n)
@@ -63,20 +59,10 @@ def main(argv=None) -> str:
         launch_args, launch_kwargs = rec.launches[0]
         us = binder_us(rec.kernel, launch_args, launch_kwargs)
         lines.append(f"| {name} | {len(launch_args) + len(launch_kwargs)} | {us:.1f} |")
-    report = "\n".join([
-        f"# Triton argument binding per launch ({date.today().isoformat()}, commit {git_commit()})",
-        "",
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"triton {triton.__version__}; case {args.case}, bf16, N {args.n}, binder for sm_90. "
-        "`bench/launch_binding.py`; the driver call comes on top.",
-        "",
-        *lines,
-        "",
-    ])
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report)
-    return report
+    return cpu_report(
+        "Triton argument binding per launch",
+        f"case {args.case}, bf16, N {args.n}, binder for sm_90. `bench/launch_binding.py`; the driver call "
+        "comes on top.", lines, args.out)
 
 
 if __name__ == "__main__":

@@ -19,3 +19,28 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def cpu_report(title: str, setting: str, body: list[str], out: str | None) -> str:
+    """Markdown report of a CPU measurement: '# title (date, commit)', a line naming this CPU, the
+    torch and triton versions and `setting`, then body; printed, written to `out` when given."""
+    import os
+    import platform
+    from datetime import date
+
+    import torch
+    import triton
+
+    report = "\n".join([
+        f"# {title} ({date.today().isoformat()}, commit {git_commit()})",
+        "",
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"triton {triton.__version__}; {setting}",
+        "",
+        *body,
+        "",
+    ])
+    print(report)
+    if out:
+        Path(out).write_text(report)
+    return report
