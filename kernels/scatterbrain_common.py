@@ -91,7 +91,7 @@ def load_key_chunk(K_LIST, k0, TK, S, VALID_ROW, k_base, v_base, stride_kn, stri
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kj = tl.load(K_LIST + offs_k, mask=offs_k < TK, other=S)
+    kj = tl.load(K_LIST + offs_k, mask=offs_k < TK, other=S).to(tl.int32)  # lists: int32 or int64
     k_ok = kj < S
     if HAS_VALID:
         k_ok = k_ok & (tl.load(VALID_ROW + kj, mask=k_ok, other=0) != 0)
@@ -112,8 +112,8 @@ def support_mask(qi, q_ok, kj, k_ok, Q_BUCKET_ROW, K_BUCKET_ROW, stride_qbr, str
         pair = pair & (diff <= BAND) & (diff >= -BAND)
     if DEDUP:
         for earlier in range(0, ROUND):
-            qb = tl.load(Q_BUCKET_ROW + earlier * stride_qbr + qi, mask=q_ok, other=-1)
-            kb = tl.load(K_BUCKET_ROW + earlier * stride_kbr + kj, mask=k_ok, other=-2)
+            qb = tl.load(Q_BUCKET_ROW + earlier * stride_qbr + qi, mask=q_ok, other=-1).to(tl.int32)
+            kb = tl.load(K_BUCKET_ROW + earlier * stride_kbr + kj, mask=k_ok, other=-2).to(tl.int32)
             pair = pair & (qb[:, None] != kb[None, :])
     return pair
 
@@ -132,7 +132,7 @@ def load_query_tile(Q_LIST, TQ, N, q_base, stride_qn, D, BLOCK_Q: tl.constexpr, 
     """A tile's query positions qi (N = empty), q_ok and q (BLOCK_Q, BLOCK_D)."""
     offs_q = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
-    qi = tl.load(Q_LIST + offs_q, mask=offs_q < TQ, other=N)
+    qi = tl.load(Q_LIST + offs_q, mask=offs_q < TQ, other=N).to(tl.int32)  # lists: int32 or int64
     q_ok = qi < N
     q = tl.load(q_base + qi[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                 mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)

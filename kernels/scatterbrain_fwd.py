@@ -520,14 +520,16 @@ def per_pair_plan(plan, has_features: bool, dim: int, v_dim: int) -> bool:
 
 @dataclass
 class KernelTiles:
-    """A SparsePlan laid out for the kernels: int32 index lists expanded over batch and heads.
+    """A SparsePlan laid out for the kernels: index lists expanded over batch and heads (views).
 
-    Without a plan (low-rank only) the tiles are contiguous blocks of 64 queries with no keys.
+    The kernels read the plan's int64 (or int32) lists as they are, through their strides: only
+    the last dimension must have unit stride, so a plan costs no device copies here. Without a
+    plan (low-rank only) the tiles are contiguous blocks of 64 queries with no keys.
     """
 
-    q_index: torch.Tensor  # (B, H, R, T, tq) int32
-    k_index: torch.Tensor  # (B, Hkv, R, T, tk) int32
-    q_bucket: torch.Tensor  # (B, H, R, N) int32, or q_index as an unused pointer
+    q_index: torch.Tensor  # (B, H, R, T, tq) int64 or int32
+    k_index: torch.Tensor  # (B, Hkv, R, T, tk)
+    q_bucket: torch.Tensor  # (B, H, R, N), or q_index as an unused pointer
     k_bucket: torch.Tensor
     band: int
     has_band: bool
@@ -570,15 +572,23 @@ class KernelTiles:
         else:
             q_index, k_index = plan.q_index, plan.k_index
             band, q_bucket, k_bucket = plan.band, plan.q_bucket, plan.k_bucket
-        q_index = q_index.to(device=device, dtype=torch.int32).contiguous().expand(batch, heads, -1, -1, -1)
-        k_index = k_index.to(device=device, dtype=torch.int32).contiguous().expand(batch, kv_heads, -1, -1, -1)
+        q_index = _index_operand(q_index, device).expand(batch, heads, -1, -1, -1)
+        k_index = _index_operand(k_index, device).expand(batch, kv_heads, -1, -1, -1)
         dedup = q_bucket is not None and q_index.shape[2] > 1
         if dedup:
-            q_bucket = q_bucket.to(device=device, dtype=torch.int32).contiguous()
-            k_bucket = k_bucket.to(device=device, dtype=torch.int32).contiguous()
+            q_bucket, k_bucket = _index_operand(q_bucket, device), _index_operand(k_bucket, device)
         else:
             q_bucket = k_bucket = q_index
         return cls(q_index, k_index, q_bucket, k_bucket, band or 0, band is not None, dedup)
+
+
+def _index_operand(index: torch.Tensor, device) -> torch.Tensor:
+    """An index tensor as the kernels read it: int32 or int64 on `device`, unit stride along its
+    last dimension (a view when it already is)."""
+    if index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"plan index tensors must be int32 or int64, got {index.dtype}")
+    index = index.to(device=device)
+    return index if index.stride(-1) == 1 or index.shape[-1] <= 1 else index.contiguous()
 
 
 def sparse_lowrank_forward(q, k, v, w, state, plan, *, tau, key_valid, out_dtype,

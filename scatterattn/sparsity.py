@@ -18,7 +18,6 @@ LSH buckets shared by several query chunks under key padding). Hashing carries n
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import threading
 from dataclasses import dataclass
@@ -40,18 +39,9 @@ class SparsePlan:
     q_bucket: torch.Tensor | None = None  # LSH with several rounds: dedup across rounds
     k_bucket: torch.Tensor | None = None
 
-    # (q_index, k_index, q_bucket, k_bucket) in the kernels' int32, made with a plan that is kept
-    # for reuse (`local_plan`); None: the kernels' binding converts them per call
-    kernel_indices: tuple | None = None
-
     @property
     def n_rounds(self) -> int:
         return self.q_index.shape[-3]
-
-    def int32_indices(self) -> tuple:
-        """(q_index, k_index, q_bucket, k_bucket) in int32 (None where absent)."""
-        tensors = (self.q_index, self.k_index, self.q_bucket, self.k_bucket)
-        return tuple(None if t is None else t.to(torch.int32).contiguous() for t in tensors)
 
 
 def lsh_plan(
@@ -216,10 +206,9 @@ def local_plan(
 
     Query tiles are contiguous blocks of `block` positions; each tile's keys are the band
     [start - h, start + block - 1 + h], h = window // 2, and the plan's `band` keeps |i - j| <= h.
-    The plan depends only on its arguments, so the last 16 built in plain eager mode are kept, with
-    their int32 copies for the kernels, and returned again (the same tensors, which nothing writes
-    to): an eager call then makes no device work for it, where building it takes some fifteen small
-    ops. Under torch.compile or a dispatch mode (FakeTensorMode, make_fx) plans are built afresh and
+    The plan depends only on its arguments, so the last 16 built in plain eager mode are kept and
+    returned again (the same tensors, which nothing writes to): an eager call then makes no device
+    work for it, where building it takes some fifteen small ops. Under torch.compile or a dispatch mode (FakeTensorMode, make_fx) plans are built afresh and
     not kept; in inference mode or during CUDA-graph capture they are used if kept, not stored.
     """
     key = (num_queries, num_keys, window, torch.device(device), block)
@@ -233,7 +222,6 @@ def local_plan(
     plan = _build_local_plan(*key)
     if torch.is_inference_mode_enabled() or (key[3].type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return plan  # inference tensors cannot be saved for backward; a capture does not run its ops
-    plan = dataclasses.replace(plan, kernel_indices=plan.int32_indices())
     with _KEPT_LOCAL_PLANS_LOCK:
         _KEPT_LOCAL_PLANS[key] = plan
         if len(_KEPT_LOCAL_PLANS) > 16:

@@ -154,11 +154,10 @@ def _direct_call(q: torch.Tensor) -> bool:
 
 
 def _plan_tensors(plan):
-    """The plan's index tensors in the kernels' int32, converted once for forward and backward
-    (a kept local plan carries them: `SparsePlan.kernel_indices`)."""
+    """The plan's index tensors as they are (the kernels read int64 lists through their strides)."""
     if plan is None:
         return (None, None, None, None), None
-    return plan.kernel_indices or plan.int32_indices(), plan.band
+    return (plan.q_index, plan.k_index, plan.q_bucket, plan.k_bucket), plan.band
 
 
 def plan_covers_every_pair(plan) -> bool:

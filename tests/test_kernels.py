@@ -415,6 +415,38 @@ def test_lsh_plan_same_with_the_hash_kernels(monkeypatch, n_k):
         assert torch.equal(getattr(with_kernels, name).cpu(), getattr(with_torch, name)), name
 
 
+@pytest.mark.parametrize("n_hashes", [1, 2])
+def test_kernels_read_the_plans_int64_views_as_they_are(monkeypatch, n_hashes):
+    """The kernels take the plan's index lists as the sort returns them: int64 views of the joint
+    sort order (batch 2: not contiguous), with no int32 copies; int32 contiguous copies of the same
+    plan give bit-identical outputs and gradients (one round: the full-tile kernels; two: the
+    per-pair kernels and the rounds' bucket ids)."""
+    import dataclasses
+
+    from scatterattn import sparsity
+    from scatterattn.kernels.lsh_hash import xbox_hashes
+
+    monkeypatch.setattr(sparsity, "xbox_hashes", xbox_hashes)  # the GPU's path: one joint sort
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 64, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, 2, 64, 16, generator=gen).to(DEVICE) for _ in range(2))
+    grad_out = torch.randn(2, 4, 64, 16, generator=gen).to(DEVICE)
+    prepared = sa.functional.prepare_call(q, k, v, num_features=16, bucket_size=16, n_hashes=n_hashes, seed=0)
+    plan = prepared.plan
+    assert plan.q_index.dtype == torch.int64 and not plan.q_index.is_contiguous()
+    int32_plan = dataclasses.replace(plan, **{name: getattr(plan, name).int().contiguous()
+                                              for name in ("q_index", "k_index", "q_bucket", "k_bucket")
+                                              if getattr(plan, name) is not None})
+    results = []
+    for each in (plan, int32_plan):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = sa.functional.run_prepared(*xs, dataclasses.replace(prepared, plan=each), "triton")
+        out.backward(grad_out)
+        results.append([out.detach(), *(x.grad for x in xs)])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), name
+
+
 def test_backward_takes_the_upstream_gradient_strides():
     """out.sum().backward() hands the backward an expanded (stride-0) dO; a transposed dO has no
     unit stride in the last dim. Both must give the reference's gradients."""
