@@ -487,7 +487,7 @@ def key_state(k, v, w, key_valid, sqrt_tau, *, split=False, block_s=None, block_
     kv_part = torch.empty(bh, n_splits, m, v_dim, device=k.device, dtype=torch.float32)
     z_part = torch.empty(bh, n_splits, m, device=k.device, dtype=torch.float32)
     max_part = torch.empty(bh, n_splits, m, device=k.device, dtype=torch.float32)
-    valid = key_valid if key_valid is not None else k  # dummy pointer when absent
+    valid = key_valid.contiguous() if key_valid is not None else k  # dummy pointer when absent
     grid = (n_splits, cdiv(m, block_f), bh)
     key_state_kernel[grid](
         k, v, w, valid, kv_part, z_part, max_part,

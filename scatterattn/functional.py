@@ -153,7 +153,8 @@ def prepare(
         )
     else:
         feature_matrix = None
-    key_valid = None if key_padding_mask is None else ~key_padding_mask
+    # contiguous once here: the kernels' launchers read it with unit stride along S
+    key_valid = None if key_padding_mask is None else (~key_padding_mask).contiguous()
     plan = None
     if config.sparse == "lsh":
         _check_param("hash_projections", hash_projections, (config.n_hashes, dim + 2))

@@ -447,6 +447,33 @@ def test_kernels_read_the_plans_int64_views_as_they_are(monkeypatch, n_hashes):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("sparse", ["lsh", "local", "none"])
+def test_transposed_key_padding_mask(sparse):
+    """A key padding mask that is a transposed view (strides (1, B)) gives the results of its
+    contiguous copy (out and every gradient), and so does the key-state launcher given such a
+    key_valid directly."""
+    from scatterattn.kernels import scatterbrain_fwd as fwd
+
+    gen = torch.Generator().manual_seed(8)
+    q, k, v, grad_out = (torch.randn(2, 2, 40, 16, generator=gen).to(DEVICE) for _ in range(4))
+    transposed = torch.zeros(40, 2, dtype=torch.bool, device=DEVICE)
+    transposed[35:, 0] = True
+    transposed[:3, 1] = True
+    kw = dict(num_features=16, sparse=sparse, bucket_size=16, window=16, seed=0, backend="triton")
+    results = []
+    for mask in (transposed.t(), transposed.t().contiguous()):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = sa.scatterbrain_attention(*xs, key_padding_mask=mask, **kw)
+        out.backward(grad_out)
+        results.append([out.detach(), *(x.grad for x in xs)])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), name
+    w = draw_feature_matrix(16, 16, generator=gen).to(DEVICE)
+    states = [fwd.key_state(k, v, w, valid, 0.5) for valid in (~transposed.t(), ~transposed.t().contiguous())]
+    for a, b in zip(*states):
+        assert torch.equal(a, b)
+
+
 def test_backward_takes_the_upstream_gradient_strides():
     """out.sum().backward() hands the backward an expanded (stride-0) dO; a transposed dO has no
     unit stride in the last dim. Both must give the reference's gradients."""
