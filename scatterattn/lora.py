@@ -444,6 +444,9 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: the graph below would only follow grad_out
+            raise RuntimeError("chained_lowrank_attention has no second derivative: its backward cannot run "
+                               "with create_graph=True (use exact attention for higher-order gradients)")
         query, key, value, feature_matrix = ctx.saved_tensors
         st: ChainSettings = ctx.settings
         batch, heads, n_q, dim = query.shape

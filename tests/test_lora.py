@@ -580,3 +580,17 @@ def test_sparse_corrected_chain_is_finite_at_large_norms(dtype, is_causal):
     out.float().pow(2).sum().backward()
     assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in (q, k, v))
     assert (stats.sparse, stats.fallback) == (2, 0)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.0], ids=["chain", "exact-fallback"])
+def test_second_derivatives_are_refused(threshold):
+    """The chained backward has no derivative of its own: a backward with create_graph=True (for
+    a gradient of the gradient) raises instead of building a graph that would only follow
+    grad_out (a wrong second-order term), on the chained and on the exact-fallback path."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 4, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    out = lora.chained_lowrank_attention(q, k, v, factors="exact", threshold=threshold, stats=None)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad((out ** 2).sum(), q, create_graph=True)
+    (grad_q,) = torch.autograd.grad((out ** 2).sum(), q)  # first derivatives as before
+    assert torch.isfinite(grad_q).all()
