@@ -28,6 +28,13 @@ class ScatterbrainAttention(nn.Module):
     Redraw policy: `redraw_interval=None` (or 0) never redraws; k > 0 redraws before every k-th
     training-mode forward (steps k, 2k, ...); `redraw()` redraws on request. Draw i comes from a
     generator seeded with a function of (seed, i): the sequence of matrices is fixed by the seed.
+    A redraw replaces the buffers (it does not write into them), so a forward whose backward is
+    still pending keeps the matrices it used. Forwards run during a backward pass (activation
+    checkpointing's recomputation) do not count as steps: they use the current matrices, those
+    of the forward they recompute as long as the module did not redraw in between (a module
+    called several times per step under checkpointing should redraw with `redraw()` between
+    steps instead). Under torch.compile the schedule is host code run eagerly: a graph break in
+    training mode with a redraw_interval (`fullgraph=True` needs redraw_interval=None there).
     """
 
     def __init__(
@@ -91,15 +98,21 @@ class ScatterbrainAttention(nn.Module):
         """Draw the next feature matrix and hash projections of this module's sequence."""
         self.draws += 1
         features, projections = self._draw(int(self.draws))
-        self.feature_matrix.copy_(features.to(self.feature_matrix.device))
-        self.hash_projections.copy_(projections.to(self.hash_projections.device))
+        # new tensors, not copy_: autograd may still hold the old ones for a pending backward
+        self.feature_matrix = features.to(self.feature_matrix.device)
+        self.hash_projections = projections.to(self.hash_projections.device)
 
     def _advance_schedule(self) -> None:
-        """Count a training-mode forward and redraw before every redraw_interval-th one.
-
-        The count lives in the `steps` buffer (state_dict); a host copy avoids reading the buffer
-        back from the GPU on every step (it is re-read once after load_state_dict)."""
+        """Count a training-mode forward and redraw before every redraw_interval-th one."""
         if self.training and self.redraw_interval:
+            self._count_step()
+
+    @torch.compiler.disable  # host-side counting: run eagerly, not traced (a traced int would recompile each step)
+    def _count_step(self) -> None:
+        """The count lives in the `steps` buffer (state_dict); a host copy avoids reading the buffer
+        back from the GPU on every step (it is re-read once after load_state_dict). A forward run
+        during a backward pass (checkpointing's recomputation) is not a step."""
+        if torch._C._current_graph_task_id() == -1:
             steps = int(self.steps) if self._host_steps is None else self._host_steps
             if steps > 0 and steps % self.redraw_interval == 0:
                 self.redraw()

@@ -415,3 +415,71 @@ def test_feature_matrix_partial_last_block():
     n = last.norm(dim=-1)
     rel = (last @ last.t()) / (n[:, None] * n[None, :])
     assert (rel - torch.eye(4, dtype=rel.dtype)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_keeps_the_forwards_features(reentrant):
+    """Checkpointing re-runs the forward during backward: that recomputation is not a step (the
+    schedule moves once per step) and uses the features the forward used, so steps, draws and
+    gradients equal those without checkpointing, with a redraw at every step."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = qkv(b=1, n=24)
+    results = []
+    for checkpointed in (False, True):
+        m = make(seed=1, sparse="none", redraw_interval=1).train()
+        per_step = []
+        for _ in range(3):
+            qq = q.clone().requires_grad_()
+            out = checkpoint(m, qq, k, v, use_reentrant=reentrant) if checkpointed else m(qq, k, v)
+            out.square().sum().backward()
+            per_step.append((int(m.steps), int(m.draws), qq.grad))
+        results.append(per_step)
+    for (steps, draws, grad), (steps_c, draws_c, grad_c) in zip(*results):
+        assert (steps, draws) == (steps_c, draws_c)
+        assert torch.allclose(grad, grad_c, rtol=1e-12, atol=0)
+    assert [s for s, _, _ in results[1]] == [1, 2, 3] and [d for _, d, _ in results[1]] == [0, 1, 2]
+
+
+def test_redraw_between_forward_and_backward_keeps_the_used_features():
+    """One module called twice in a step whose second call redraws: the first call's backward
+    still sees the matrices it used (a redraw replaces the buffers instead of writing into them),
+    so the gradient is that of the two forwards as they ran. (float32 inputs: autograd saves the
+    float32 buffer itself, not a cast copy.)"""
+    q, k, v = qkv(b=1, n=24, dtype=torch.float32)
+    m = make(seed=2, sparse="none", redraw_interval=1).train()
+    first_w = m.feature_matrix.clone()
+    qq = q.clone().requires_grad_()
+    out = m(qq, k, v) + m(qq, k, v)  # steps 0 and 1: the second redraws first
+    second_w = m.feature_matrix.clone()
+    assert not torch.equal(first_w, second_w)
+    out.square().sum().backward()
+    q_ref = q.clone().requires_grad_()
+    kw = dict(num_features=16, sparse="none", backend="reference")
+    expected = (scatterbrain_attention(q_ref, k, v, feature_matrix=first_w, **kw)
+                + scatterbrain_attention(q_ref, k, v, feature_matrix=second_w, **kw))
+    expected.square().sum().backward()
+    assert torch.allclose(qq.grad, q_ref.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_redraw_schedule_does_not_recompile_under_torch_compile():
+    """Under torch.compile the schedule runs eagerly (a graph break in training mode with a
+    redraw_interval): ten training steps compile a fixed number of graphs instead of one per
+    step, and give the eager module's outputs (redraws included); in eval mode the module is
+    still one graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    q, k, v = qkv(b=1, n=24)
+    eager, compiled_module = make(seed=3, redraw_interval=2).train(), make(seed=3, redraw_interval=2).train()
+    counter = CompileCounter()
+    compiled = torch.compile(compiled_module, backend=counter)
+    frames = []
+    for _ in range(10):
+        assert torch.allclose(compiled(q, k, v), eager(q, k, v), rtol=1e-12, atol=0)
+        frames.append(counter.frame_count)
+    assert frames[2] == frames[-1], frames
+    assert int(compiled_module.draws) == int(eager.draws) == 4
+    torch._dynamo.reset()
+    evaluated = torch.compile(make(seed=3, redraw_interval=2).eval(), backend="eager", fullgraph=True)
+    assert torch.allclose(evaluated(q, k, v), make(seed=3).eval()(q, k, v), rtol=1e-12, atol=0)
