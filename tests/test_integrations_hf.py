@@ -194,6 +194,20 @@ def test_default_configuration_trains_with_finite_loss():
     assert torch.isfinite(loss) and torch.isfinite(model.model.layers[0].self_attn.q_proj.weight.grad).all()
 
 
+def test_first_call_under_inference_mode_then_training():
+    """Cores created lazily by a first forward under torch.inference_mode() (an evaluation before
+    fine-tuning) hold ordinary buffers: training afterwards works."""
+    model = tiny_llama()
+    model.set_attn_implementation("scatterbrain")
+    ids, mask = llama_batch()
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(model.model.layers[0].self_attn.q_proj.weight.grad).all()
+
+
 def test_attention_dropout_is_an_error_unless_ignored_or_exact():
     ids, mask = bert_batch()
     model = tiny_bert(attention_probs_dropout_prob=0.1).train()

@@ -23,8 +23,10 @@ Settings. `configure` attaches a child module ``scatterbrain`` to every attentio
 they are in ``state_dict``) or, for layers set to ``"exact"``, an `ExactAttention` (torch SDPA).
 ``per_layer`` keys are layer indices (the module's ``layer_idx``, else its position among the
 model's attention modules) or module names. Without `configure`, the first forward creates each
-layer's core with the default `ScatterbrainConfig()` and a seed fixed by the layer (so the same
-model gives the same outputs run after run); that core then appears in ``state_dict``.
+layer's core with the default `ScatterbrainConfig()` and a seed fixed by the module's class and
+``layer_idx`` (so the same model gives the same outputs run after run; modules without a
+``layer_idx``, as in ViT or BART encoders, then share one seed per class: `configure` seeds each
+layer by its position); that core then appears in ``state_dict``.
 A checkpoint without the cores' buffers (the original model's) loads with ``strict=True``.
 ``save_pretrained`` saves the cores' buffers; ``from_pretrained`` reports them as unexpected keys
 (the cores are attached after loading) -- `configure` with the same settings and seed draws the
@@ -200,14 +202,15 @@ def _get_core(module: nn.Module, query: torch.Tensor) -> nn.Module:
     core = module._modules.get(CORE_NAME)
     if core is None:
         pending = getattr(module, "_scatterbrain_pending", None) or {}
-        core = make_core(
-            pending.get("spec", resolve_spec(None)),
-            query.shape[-1],
-            seed=pending.get("seed", _default_seed(module)),
-            redraw_interval=pending.get("redraw_interval"),
-            backend=pending.get("backend", "auto"),
-            device=query.device,
-        )
+        with torch.inference_mode(False):  # a first call under inference_mode must not leave inference buffers
+            core = make_core(
+                pending.get("spec", resolve_spec(None)),
+                query.shape[-1],
+                seed=pending.get("seed", _default_seed(module)),
+                redraw_interval=pending.get("redraw_interval"),
+                backend=pending.get("backend", "auto"),
+                device=query.device,
+            )
         if isinstance(core, AttachedScatterbrain):
             core.ignore_dropout = pending.get("ignore_dropout", False)
         setattr(module, CORE_NAME, core)
