@@ -1,6 +1,6 @@
 """Exact model, approximate gradient: chained low-rank attention backward (Hu et al., ICLR 2025).
 
-The forward is exact softmax attention (SDPA on CUDA, the dense reference on the CPU). The backward
+The forward is exact softmax attention (torch SDPA, key padding as a mask). The backward
 replaces the attention matrix f = P by a rank-m factorisation f~ = U1 V1^T and chains it through
 dS = f * (dO V^T) - diag(rho) f without forming any N x S matrix (shared/docs/lora-chained-gradient.md):
 
@@ -393,13 +393,24 @@ def _chain_causal(q, k, v, grad_out, u1, v1, scale, *, gram=None, rows=None, chu
 
 
 def exact_attention(query, key, value, *, scale, is_causal, key_valid):
-    """Exact softmax attention: SDPA (flash / cuDNN / CPU flash kernels) without key padding, the
-    dense reference with it (so that rows whose keys are all padded give zeros, not NaN)."""
+    """Exact softmax attention by SDPA (flash / cuDNN / CPU flash kernels) on any device.
+
+    Key padding goes in as a (B, 1, 1, S) bool mask (broadcast: no N x S tensor), or, when causal
+    too, a (B, 1, N, S) bool one. Rows with no visible key (a fully padded batch element, or causal
+    rows before the first real key) return zeros, as `reference.dense_attention` does: they attend
+    every key inside SDPA (finite, no NaN to leak into gradients) and are zeroed after."""
+    gqa = query.shape[1] != key.shape[1]
     if key_valid is None:
         return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, scale=scale, is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1]
-        )
-    return reference.dense_attention(query, key, value, scale=scale, is_causal=is_causal, key_valid=key_valid)
+            query, key, value, scale=scale, is_causal=is_causal, enable_gqa=gqa)
+    visible = key_valid[:, None, None, :]
+    if is_causal:  # top-left aligned, as SDPA's is_causal
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        visible = visible & causal
+    has_key = visible.any(-1, keepdim=True)  # (B, 1, 1 or N, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=visible | ~has_key, scale=scale, enable_gqa=gqa)
+    return out * has_key
 
 
 @dataclass(frozen=True)

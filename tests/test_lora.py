@@ -594,3 +594,32 @@ def test_second_derivatives_are_refused(threshold):
         torch.autograd.grad((out ** 2).sum(), q, create_graph=True)
     (grad_q,) = torch.autograd.grad((out ** 2).sum(), q)  # first derivatives as before
     assert torch.isfinite(grad_q).all()
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["non-causal", "causal"])
+def test_exact_forward_with_padding_is_sdpa_with_a_mask(monkeypatch, is_causal):
+    """The exact forward (and exact fallback) take key padding as an SDPA mask, not through the
+    dense reference's N x S scores: equal to dense attention in float64, out and gradients, with
+    a fully padded batch element and (causal, left padding) rows that see no real key, which
+    give zeros and zero gradients, not NaN."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, g = (torch.randn(3, 4, 20, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    k, v = k[:, :2], v[:, :2]  # grouped heads
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[0, 15:] = True
+    pad[1] = True
+    pad[2, :6] = True  # left padding: causal rows 0-5 see no real key
+    want = []
+    for x in (q, k, v):
+        x.requires_grad_()
+    out = sa.dense_attention(q, k, v, key_padding_mask=pad, is_causal=is_causal)
+    want = [out.detach(), *torch.autograd.grad(out, (q, k, v), g)]
+    dense = sa.reference.dense_attention
+    monkeypatch.setattr(sa.reference, "dense_attention", lambda *a, **kw: pytest.fail("dense reference used"))
+    out = lora.chained_lowrank_attention(q, k, v, key_padding_mask=pad, is_causal=is_causal, num_features=8,
+                                         seed=0, threshold=0.0, stats=None)  # real groups: the exact fallback
+    got = [out.detach(), *torch.autograd.grad(out, (q, k, v), g)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+    assert (got[0][1] == 0).all() and (got[1][1] == 0).all()
+    monkeypatch.setattr(sa.reference, "dense_attention", dense)
