@@ -32,6 +32,12 @@ from .features import feature_logits
 from .sparsity import SparsePlan
 
 CAUSAL_CHUNK = 64
+# Causal rows of the low-rank term: g_f is a max over all keys, some of them invisible to early rows.
+# Where those rows' visible key features fall more than this below g (`causal_feature_gap`), their
+# float32 products would underflow (exp(-60) ~ 1e-26 keeps ~12 orders of headroom above float32's
+# 1e-38), so such calls run in float64 (good up to a gap of ~700), counted in FALLBACKS.
+CAUSAL_GAP_FLOAT32 = 60.0
+FALLBACKS = {"causal_float64": 0}  # calls of scatterbrain_reference rerun in float64, by reason
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,6 +108,43 @@ def scatterbrain_reference(
     """
     if feature_matrix is None and plan is None:
         raise ValueError("scatterbrain_reference needs a feature_matrix, a plan, or both")
+    if is_causal and feature_matrix is not None and compute_dtype(query.dtype) == torch.float32:
+        batch, heads, n_q, dim = query.shape
+        root = math.sqrt(scale)
+        q = query.float().reshape(batch, key.shape[1], heads // key.shape[1], n_q, dim) * root
+        gap = causal_feature_gap(q, key.float() * root, feature_matrix, key_valid)
+        wide = dict(scale=scale, feature_matrix=feature_matrix, plan=plan, is_causal=True, key_valid=key_valid)
+        if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph: both, selected
+            narrow = _scatterbrain_reference(query, key, value, **wide)
+            out64 = _scatterbrain_reference(*(x.to(torch.float64) for x in (query, key, value)), **wide)
+            return torch.where(gap > CAUSAL_GAP_FLOAT32, out64.to(query.dtype), narrow)
+        if float(gap) > CAUSAL_GAP_FLOAT32:  # one host sync per causal call
+            FALLBACKS["causal_float64"] += 1
+            out64 = _scatterbrain_reference(*(x.to(torch.float64) for x in (query, key, value)), **wide)
+            return out64.to(query.dtype)
+    return _scatterbrain_reference(query, key, value, scale=scale, feature_matrix=feature_matrix, plan=plan,
+                                   is_causal=is_causal, key_valid=key_valid)
+
+
+def causal_feature_gap(q, k, feature_matrix, key_valid=None) -> torch.Tensor:
+    """0-d: how far (in log units) a causal row's largest low-rank term falls below its stabiliser.
+
+    q (B, Hkv, G, N, D), k (B, Hkv, S, D), both already scaled by sqrt(tau). Row i's stabiliser
+    uses g_f, the max over *all* keys, but it sees only keys j <= i: its largest product is
+    exp(-gap_i) with gap_i = max_f (l(q_i)_f + g_f) - max_f (l(q_i)_f + max_{j <= i} l(k_j)_f).
+    Returns the max over rows that do not see every key (rows without a real key yet skipped)."""
+    n = min(q.shape[-2], k.shape[-2])
+    w = feature_matrix.to(device=k.device, dtype=k.dtype)
+    k_logits = feature_logits(k.detach(), w)
+    if key_valid is not None:
+        k_logits = k_logits.masked_fill(~key_valid[:, None, :, None], float("-inf"))
+    q_logits = feature_logits(q.detach()[..., :n, :], w)  # (B, Hkv, G, n, m)
+    seen = torch.cummax(k_logits[..., :n, :], dim=-2).values.unsqueeze(2)
+    gap = (q_logits + k_logits.amax(dim=-2, keepdim=True).unsqueeze(2)).amax(-1) - (q_logits + seen).amax(-1)
+    return torch.where(torch.isfinite(gap), gap, torch.zeros_like(gap)).amax()
+
+
+def _scatterbrain_reference(query, key, value, *, scale, feature_matrix, plan, is_causal, key_valid):
     batch, heads, n_q, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads

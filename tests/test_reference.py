@@ -1,6 +1,7 @@
 """The PyTorch reference against the math: special cases, implied matrix, unbiasedness, gradients,
 stability. Tolerances: float64 1e-10 for identities; statistical tests state their own bounds."""
 
+import functools
 import math
 
 import pytest
@@ -418,3 +419,52 @@ def test_few_queries_attend_the_bucket_their_hash_falls_in():
     plan = sa.functional.prepare_call(queries[:, :, :1], k, k, num_features=0, bucket_size=64, seed=0).plan
     t = int((plan.q_index[0, 0, 0] < 1).any(-1).nonzero())  # the tile holding the query
     assert torch.equal(supports[0].nonzero().flatten().sort().values, plan.k_index[0, 0, 0, t].sort().values)
+
+
+@pytest.mark.parametrize("sparse", ["none", "lsh", "local"])
+def test_causal_rows_with_underflowing_features_run_in_float64(sparse):
+    """Causal rows see only a prefix of the keys but the key stabiliser is the max over all of them:
+    with sink-like first keys of large norm (|k| ~ 60) the float32 features of the first rows
+    underflow (all-zero rows before). Such calls rerun in float64 (counted): out and gradients of
+    float32 inputs equal the float64 call's; ordinary inputs (|k| ~ 8) stay in float32."""
+    from scatterattn import reference
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (torch.randn(1, 2, 48, 64, generator=gen) for _ in range(4))
+    kw = dict(num_features=64, sparse=sparse, bucket_size=16, window=4, seed=0, is_causal=True,
+              backend="reference")
+    before = reference.FALLBACKS["causal_float64"]
+    sa.scatterbrain_attention(q, k, v, **kw)
+    assert reference.FALLBACKS["causal_float64"] == before
+    k[:, :, :8] *= 8.0
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out = sa.scatterbrain_attention(*xs, **kw)
+        out.backward(grad_out.to(dtype))
+        results.append([out.detach(), *(x.grad for x in xs)])
+    assert reference.FALLBACKS["causal_float64"] == before + 1
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        err = float((a.double() - b).norm() / b.norm())
+        assert torch.isfinite(a).all() and err < 1e-5, (name, err)
+    assert (results[0][0].abs().sum(-1) > 0).all()
+
+
+def test_causal_float64_rerun_under_torch_compile():
+    """Traced (fullgraph), the float32 / float64 choice has no branch: both are computed and one
+    is selected, so compiled calls give the eager results on both sides of the threshold."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=gen) for _ in range(3))
+    sinks = k.clone()
+    sinks[:, :, :6] *= 10.0
+    w = draw_feature_matrix(32, 32, generator=gen)  # (a seed would make a generator inside the graph)
+    fn = functools.partial(sa.scatterbrain_attention, num_features=32, feature_matrix=w, sparse="none",
+                           is_causal=True, backend="reference")
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    root = 32 ** -0.25
+    gaps = [float(sa.reference.causal_feature_gap(q.unsqueeze(2) * root, keys * root, w)) for keys in (k, sinks)]
+    assert gaps[0] < sa.reference.CAUSAL_GAP_FLOAT32 < gaps[1], gaps  # one call on each side
+    for keys in (k, sinks):
+        want = fn(q.double(), keys.double(), v.double())
+        for got in (compiled(q, keys, v), fn(q, keys, v)):
+            assert float((got.double() - want).norm() / want.norm()) < 1e-5
