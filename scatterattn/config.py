@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from .features import FEATURE_TYPES
@@ -9,11 +10,13 @@ from .features import FEATURE_TYPES
 SPARSE_SOURCES = ("lsh", "local", "none")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value, minimum: int) -> int:
+    """value as a Python int (any integral type but bool: numpy integers too), >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -36,14 +39,13 @@ class ScatterbrainConfig:
     window: int = 128
 
     def __post_init__(self):
-        _check_int("num_features", self.num_features, 0)
+        object.__setattr__(self, "num_features", _check_int("num_features", self.num_features, 0))
         if self.feature_type not in FEATURE_TYPES:
             raise ValueError(f"feature_type must be one of {FEATURE_TYPES}, got {self.feature_type!r}")
         if self.sparse not in SPARSE_SOURCES:
             raise ValueError(f"sparse must be one of {SPARSE_SOURCES}, got {self.sparse!r}")
-        _check_int("bucket_size", self.bucket_size, 1)
-        _check_int("n_hashes", self.n_hashes, 1)
-        _check_int("window", self.window, 0)
+        for name, minimum in (("bucket_size", 1), ("n_hashes", 1), ("window", 0)):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), minimum))
         if self.num_features == 0 and self.sparse == "none":
             raise ValueError("num_features=0 with sparse='none' leaves nothing to attend with")
 

@@ -11,6 +11,7 @@ matrix the feature map actually uses, so every consumer (reference, kernels) han
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -22,8 +23,17 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
+    gen.manual_seed(check_seed(seed))
     return gen
+
+
+def check_seed(seed) -> int:
+    """seed as a Python int: an integral value (not bool) in [-2**63, 2**63) (it is kept in int64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} ({seed!r})")
+    if not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be in [-2**63, 2**63) (an int64), got {seed}")
+    return int(seed)
 
 
 def draw_feature_matrix(

@@ -17,6 +17,7 @@ generator seeded with `seed`, else from torch's global RNG; or passed in directl
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +82,9 @@ def validate_qkv(query, key, value, key_padding_mask=None, scale=None) -> None:
             )
         if key_padding_mask.device != query.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale) or scale < 0):
+        raise ValueError(f"scale must be a finite number >= 0 or None (as SDPA's), got {scale!r}")
 
 
 def default_scale(scale: float | None, head_dim: int) -> float:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .config import ScatterbrainConfig
-from .features import make_generator
+from .features import check_seed, make_generator
 from .functional import BACKENDS, draw_random_parameters, prepare, run_prepared, validate_qkv
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _RANDOM_BUFFERS = ("feature_matrix", "hash_projections")
+_KEPT_BUFFERS = ("seed", "draws", "steps", *_RANDOM_BUFFERS)  # values kept through casts and to_empty
 
 
 def _forget_host_steps(module, incompatible_keys) -> None:
@@ -71,14 +74,17 @@ class ScatterbrainAttention(nn.Module):
         self.head_dim = head_dim
         self.redraw_interval = redraw_interval or 0
         self.backend = backend
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
-        self.register_buffer("draws", torch.tensor(0, dtype=torch.int64))
-        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
-        features, projections = self._draw(0)
-        self.register_buffer("feature_matrix", features)
-        self.register_buffer("hash_projections", projections)
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item()) if seed is None else check_seed(seed)
+        # Built under torch.device("meta") (deferred initialisation), these few small buffers are
+        # made on the CPU with their values, which `to_empty` then keeps (see _apply).
+        meta = torch.get_default_device().type == "meta"
+        with torch.device("cpu") if meta else contextlib.nullcontext():
+            self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+            self.register_buffer("draws", torch.tensor(0, dtype=torch.int64))
+            self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+            features, projections = self._draw(0)
+            self.register_buffer("feature_matrix", features)
+            self.register_buffer("hash_projections", projections)
         self._host_steps: int | None = None
         self.register_load_state_dict_post_hook(_forget_host_steps)
 
@@ -151,10 +157,14 @@ class ScatterbrainAttention(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Keep the random matrices float32 whatever dtype the module is cast to (rounding W to
-        # bf16 would change the estimator); only follow the device move.
-        kept = {name: self._buffers[name] for name in _RANDOM_BUFFERS}
+        # bf16 would change the estimator) and keep the values of them and of the counters through
+        # `to_empty`; only follow the device move. (A buffer already on the meta device has no
+        # values to keep: it becomes what fn makes of it, as any buffer.)
+        kept = {name: self._buffers[name] for name in _KEPT_BUFFERS}
         result = super()._apply(fn, recurse)
         for name, original in kept.items():
+            if original.is_meta:
+                continue
             target = fn(torch.empty(0, dtype=original.dtype, device=original.device))
             self._buffers[name] = original.to(device=target.device)
         return result

@@ -483,3 +483,19 @@ def test_redraw_schedule_does_not_recompile_under_torch_compile():
     torch._dynamo.reset()
     evaluated = torch.compile(make(seed=3, redraw_interval=2).eval(), backend="eager", fullgraph=True)
     assert torch.allclose(evaluated(q, k, v), make(seed=3).eval()(q, k, v), rtol=1e-12, atol=0)
+
+
+def test_built_under_the_meta_device_then_to_empty():
+    """Deferred initialisation: built under torch.device("meta") (as FSDP-style and large-model
+    loaders do), the module's small random buffers and counters are made with their values, and
+    `to_empty` keeps them: the same module as one built directly. A module moved to meta and back
+    with to_empty has no values to keep (as any module) but does not fail."""
+    with torch.device("meta"):
+        deferred = make(seed=4, redraw_interval=3)
+    deferred = deferred.to_empty(device="cpu")
+    direct = make(seed=4, redraw_interval=3)
+    for name in ("seed", "draws", "steps", *RANDOM):
+        assert torch.equal(getattr(deferred, name), getattr(direct, name)), name
+    q, k, v = qkv()
+    assert torch.equal(deferred(q, k, v), direct(q, k, v))
+    make(seed=5).to("meta").to_empty(device="cpu")

@@ -12,6 +12,7 @@ import torch
 
 import scatterattn
 from scatterattn import (
+    ScatterbrainAttention,
     dense_attention,
     local_attention,
     lsh_attention,
@@ -268,11 +269,43 @@ def test_key_padding_mask_wrong_device(fn):
 
 
 @pytest.mark.parametrize("fn", ALL)
-@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), "0.5"])
+@pytest.mark.parametrize("bad", [-1.0, -1e-30, float("nan"), float("inf"), "0.5", True, torch.tensor(0.5)])
 def test_bad_scale(fn, bad):
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"scale must be a positive finite number or None, got"):
+    with pytest.raises(ValueError, match=r"scale must be a finite number >= 0 or None \(as SDPA's\), got"):
         FUNCS[fn](q, k, v, scale=bad)
+
+
+@pytest.mark.parametrize("fn", ["dense", "scatterbrain", "performer"])  # (lsh / local: over their support)
+def test_scale_zero_is_uniform_attention_as_in_sdpa(fn):
+    """scale=0 (accepted by SDPA): every score is 0, so each row averages the values."""
+    q, k, v = qkv()
+    out = FUNCS[fn](q, k, v, scale=0)
+    assert torch.allclose(out, v.mean(-2, keepdim=True).expand_as(out), atol=1e-5)
+
+
+def test_numpy_scalars_are_accepted():
+    """numpy integers for the integer settings and numpy floats for scale, as for Python numbers."""
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    got = scatterbrain_attention(q, k, v, num_features=np.int64(16), bucket_size=np.int32(4), n_hashes=np.int64(1),
+                                 scale=np.float32(0.25), seed=np.int64(3))
+    want = scatterbrain_attention(q, k, v, num_features=16, bucket_size=4, scale=float(np.float32(0.25)), seed=3)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (1.7, TypeError, r"seed must be an int or None, got float \(1.7\)"),
+    ("abc", TypeError, r"seed must be an int or None, got str"),
+    (True, TypeError, r"seed must be an int or None, got bool"),
+    (2**64, ValueError, r"seed must be in \[-2\*\*63, 2\*\*63\) \(an int64\), got 18446744073709551616"),
+])
+def test_bad_seed(bad, error, message):
+    q, k, v = qkv()
+    with pytest.raises(error, match=message):
+        scatterbrain_attention(q, k, v, num_features=16, bucket_size=4, seed=bad)
+    with pytest.raises(error, match=message):
+        ScatterbrainAttention(D, seed=bad)
 
 
 @pytest.mark.parametrize("fn", APPROX)
