@@ -24,7 +24,9 @@ When logits are large the random-feature factorisation fails (the "phase transit
 
 from __future__ import annotations
 
+import collections
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +45,9 @@ MAX_CAUSAL_CHUNKS = 128  # chunks (a Python loop of a few dozen tensor ops per c
 # GPU launch-bound at 64 rows; the exact intra-chunk part costs O(N chunk m), so chunks stay small)
 
 
+HISTORY_LENGTH = 10_000
+
+
 @dataclass
 class ChainedGradientStats:
     """Counts of (batch, key/value head) groups whose backward was approximate or fell back to exact."""
@@ -52,7 +57,9 @@ class ChainedGradientStats:
     numeric: int = 0  # of which: below the threshold, but the factors underflowed
     sparse: int = 0  # of the approximate groups: the sparse-corrected chain (above `threshold`)
     max_logit_bound: float = 0.0
-    history: list = field(default_factory=list)  # per backward: (approximate, fallback)
+    # per backward: (approximate, fallback); the last HISTORY_LENGTH (a shared stats object sees
+    # every attention call of every training step)
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HISTORY_LENGTH))
 
     def record(self, approximate: int, fallback: int, bound: float, numeric: int = 0, sparse: int = 0) -> None:
         self.approximate += approximate
@@ -553,6 +560,25 @@ def _sparse_chain_groups(st, q, k, v, do, feature_matrix, key_valid):
     return dq, dk, dv, underflow.flatten(2).any(-1)
 
 
+def _check_num_features(num_features) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+        raise ValueError(f"num_features must be an int >= 1 for the chained gradient, got {num_features!r}")
+
+
+def _check_tiers(threshold, sparse_threshold, sparse: str) -> None:
+    """The thresholds of the three tiers (plain chain, sparse-corrected chain, exact), checked
+    together so that no setting is silently unused."""
+    _check_threshold("threshold", threshold)
+    _check_threshold("sparse_threshold", sparse_threshold)
+    if sparse_threshold is not None and sparse == "none":
+        raise ValueError("sparse_threshold needs a sparse support (sparse='lsh' or 'local')")
+    if sparse_threshold is not None and threshold is not None and sparse_threshold < threshold:
+        raise ValueError(f"sparse_threshold ({sparse_threshold}) must be >= threshold ({threshold})")
+    if sparse != "none" and threshold is None:
+        raise ValueError(f"sparse={sparse!r} with threshold=None: every group would take the plain chain and the "
+                         "sparse-corrected tier never run; give a threshold (0 sends every group to it)")
+
+
 def _check_threshold(name: str, value) -> None:
     if value is not None and not (
         isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and math.isfinite(value)
@@ -604,22 +630,18 @@ def chained_lowrank_attention(
     tensor-core operands for 16-bit inputs, see scatterattn.kernels.chained_grad) or 'auto' (Triton
     on CUDA, else reference); the sparse correction is torch gathers either way.
     """
+    validate_qkv(query, key, value, key_padding_mask, scale)
     kernel_dtype = _kernel_dtype(backend, query, value)
     if factors not in ("random", "exact"):
         raise ValueError(f"factors must be 'random' or 'exact', got {factors!r}")
     if factors == "exact" and kernel_dtype is not None:
         kernel_dtype = torch.float32  # the algebra check stays exact: no bf16 operand rounding
-    validate_qkv(query, key, value, key_padding_mask, scale)
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be an int >= 1 for the chained gradient, got {num_features!r}")
+    _check_num_features(num_features)
     config = ScatterbrainConfig(num_features=num_features, feature_type=feature_type, sparse=sparse,
                                 bucket_size=bucket_size, n_hashes=n_hashes, window=window)
-    _check_threshold("threshold", threshold)
-    _check_threshold("sparse_threshold", sparse_threshold)
-    if sparse_threshold is not None and sparse == "none":
-        raise ValueError("sparse_threshold needs a sparse support (sparse='lsh' or 'local')")
-    if sparse_threshold is not None and threshold is not None and sparse_threshold < threshold:
-        raise ValueError(f"sparse_threshold ({sparse_threshold}) must be >= threshold ({threshold})")
+    _check_tiers(threshold, sparse_threshold, sparse)
+    if stats is not None and not isinstance(stats, ChainedGradientStats):
+        raise TypeError(f"stats must be a ChainedGradientStats or None, got {type(stats).__name__}")
     if factors == "exact" and sparse != "none":
         raise ValueError("factors='exact' (a check of the algebra) takes no sparse correction; use sparse='none'")
     dim = query.shape[-1]
@@ -673,10 +695,8 @@ class ChainedLowRankAttention(ScatterbrainAttention):
                  threshold: float | None = DEFAULT_THRESHOLD, sparse: str = "none", bucket_size: int = 128,
                  n_hashes: int = 1, window: int = 128, sparse_threshold: float | None = None,
                  redraw_interval: int | None = None, seed: int | None = None, backend: str = "auto"):
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be an int >= 1 for the chained gradient, got {num_features!r}")
-        _check_threshold("threshold", threshold)
-        _check_threshold("sparse_threshold", sparse_threshold)
+        _check_num_features(num_features)
+        _check_tiers(threshold, sparse_threshold, sparse)
         super().__init__(head_dim, num_features=num_features, feature_type=feature_type, sparse=sparse,
                          bucket_size=bucket_size, n_hashes=n_hashes, window=window,
                          redraw_interval=redraw_interval, seed=seed, backend=backend)

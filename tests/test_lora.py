@@ -194,6 +194,17 @@ def test_bad_configuration_raises():
         lora.attention_lora_targets(torch.nn.Linear(2, 2), mode="half")
     with pytest.raises(ValueError, match="no separate query/key/value"):
         lora.attention_lora_targets(torch.nn.Sequential(torch.nn.Linear(4, 12)))
+    # settings that would be silently unused, or fail late (at backward, or after the schedule moved)
+    with pytest.raises(ValueError, match=r"sparse='local' with threshold=None: every group would take the plain"):
+        lora.chained_lowrank_attention(q, k, v, sparse="local", threshold=None)
+    with pytest.raises(ValueError, match="sparse_threshold needs a sparse support"):
+        lora.ChainedLowRankAttention(8, sparse_threshold=3.0)
+    with pytest.raises(ValueError, match=r"sparse_threshold \(1.0\) must be >= threshold \(2.0\)"):
+        lora.ChainedLowRankAttention(8, threshold=2.0, sparse="lsh", sparse_threshold=1.0)
+    with pytest.raises(TypeError, match="stats must be a ChainedGradientStats or None, got str"):
+        lora.chained_lowrank_attention(q, k, v, stats="x")
+    with pytest.raises(TypeError, match="query must be a torch.Tensor"):
+        lora.chained_lowrank_attention(q.tolist(), k, v)
 
 
 class TinyAttentionBlock(torch.nn.Module):
@@ -623,3 +634,14 @@ def test_exact_forward_with_padding_is_sdpa_with_a_mask(monkeypatch, is_causal):
         assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
     assert (got[0][1] == 0).all() and (got[1][1] == 0).all()
     monkeypatch.setattr(sa.reference, "dense_attention", dense)
+
+
+def test_stats_history_is_bounded():
+    """A long run's stats (one shared object sees every attention call) keep the last
+    HISTORY_LENGTH backward records, the counts keep everything."""
+    stats = lora.ChainedGradientStats()
+    for step in range(lora.HISTORY_LENGTH + 5):
+        stats.record(approximate=step, fallback=1, bound=0.5)
+    assert len(stats.history) == lora.HISTORY_LENGTH
+    assert stats.history[0] == (5, 1) and stats.history[-1] == (lora.HISTORY_LENGTH + 4, 1)
+    assert stats.fallback == lora.HISTORY_LENGTH + 5
