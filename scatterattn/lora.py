@@ -743,16 +743,25 @@ def attention_lora_targets(model: torch.nn.Module, mode: str = "partial") -> lis
     """Names of the nn.Linear query/key/value projections for peft's LoraConfig(target_modules=...).
 
     mode 'partial' adapts W_Q and W_V, 'full' adapts W_Q, W_K and W_V (Hu et al. 2025). Recognises
-    the usual names (q_proj / query / to_q ...). Raises if the model has none: a fused qkv projection
-    cannot be adapted partially.
+    the usual names (q_proj / query / to_q ...) of Linears whose parent module holds all three
+    projections, so that a lone `value` head or `q` layer elsewhere is not taken for one. Raises
+    if the model has none: a fused qkv projection cannot be adapted partially.
     """
     if mode not in ("partial", "full"):
         raise ValueError(f"mode must be 'partial' or 'full', got {mode!r}")
     wanted = ("q", "v") if mode == "partial" else ("q", "k", "v")
+    modules = dict(model.named_modules())
+
+    def holds_qkv(parent: torch.nn.Module) -> bool:
+        children = dict(parent.named_children())
+        return all(any(isinstance(children.get(n), torch.nn.Linear) for n in LORA_PROJECTION_NAMES[role])
+                   for role in ("q", "k", "v"))
+
     names = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.Linear) and any(leaf in LORA_PROJECTION_NAMES[w] for w in wanted):
+    for name, module in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        if (isinstance(module, torch.nn.Linear) and any(leaf in LORA_PROJECTION_NAMES[w] for w in wanted)
+                and holds_qkv(modules[parent])):
             names.append(name)
     if not names:
         raise ValueError(

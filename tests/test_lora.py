@@ -645,3 +645,15 @@ def test_stats_history_is_bounded():
     assert len(stats.history) == lora.HISTORY_LENGTH
     assert stats.history[0] == (5, 1) and stats.history[-1] == (lora.HISTORY_LENGTH + 4, 1)
     assert stats.fallback == lora.HISTORY_LENGTH + 5
+
+
+def test_lora_targets_are_projections_beside_each_other():
+    """Only Linears whose parent holds a query, a key and a value projection are targets: an RL
+    value head named `value`, or a lone `q` layer, are not."""
+    model = torch.nn.ModuleDict({
+        "block": TinyAttentionBlock(),
+        "value": torch.nn.Linear(32, 1),
+        "head": torch.nn.ModuleDict({"q": torch.nn.Linear(4, 4), "out": torch.nn.Linear(4, 4)}),
+    })
+    assert lora.attention_lora_targets(model, "partial") == ["block.q_proj", "block.v_proj"]
+    assert lora.attention_lora_targets(model, "full") == ["block.q_proj", "block.k_proj", "block.v_proj"]
