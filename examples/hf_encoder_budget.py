@@ -13,8 +13,8 @@ Randomly initialised attention is nearly uniform (logits ~ 0), which low-rank me
 well; `--sharpness` multiplies the query and key weights, as training tends to do, to show the
 regime where the sparse part matters. The default runs both.
 
-    python examples/hf_encoder_budget.py            # ~1 min on 2 CPU cores
-    python examples/hf_encoder_budget.py --quick    # a few seconds
+    python examples/hf_encoder_budget.py            # ~25 s on 2 CPU cores
+    python examples/hf_encoder_budget.py --quick    # ~10 s
 """
 
 from __future__ import annotations

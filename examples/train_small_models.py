@@ -16,7 +16,8 @@ features; scatterbrain = b/2 features + buckets of b/2 keys; dense = exact softm
 starts from the same initial weights and sees the same data.
 
     python examples/train_small_models.py           # default: about 2 minutes on 2 idle CPU cores
-    python examples/train_small_models.py --quick   # about 30 s
+    python examples/train_small_models.py --quick   # about 30 s: a smoke run (its ViT runs too few
+                                                    # steps to get past the majority class, 0.359)
 
 Writes examples/results/train_small_models.{png,md} and prints the table.
 """

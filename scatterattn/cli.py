@@ -87,7 +87,7 @@ examples:
 """
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -95,6 +95,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     parse.__name__ = "int"
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch size (default: 1)")
     shape.add_argument("--causal", action="store_true",
                        help="causal (top-left aligned) attention for every method")
-    shape.add_argument("--seed", type=_int_at_least(0), default=0,
+    shape.add_argument("--seed", type=_int_at_least(0, 2**63 - 1), default=0,
                        help="seed of the inputs, random features and hash projections (default: 0)")
 
     approx = parser.add_argument_group("approximation")
@@ -448,11 +450,19 @@ def main(argv=None) -> int:
     try:
         with torch.inference_mode():
             return _run(args, device, dtype, progress)
-    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not _is_cpu_out_of_memory(exc):
+            raise
         progress("")
         print(f"scatterattn: error: out of memory on {device.type} ({str(exc).splitlines()[0]}); "
               "try a smaller --seq-len, --heads or --batch", file=sys.stderr)
         return 1
+
+
+def _is_cpu_out_of_memory(exc: RuntimeError) -> bool:
+    """torch's CPU allocator reports failure as a RuntimeError ("DefaultCPUAllocator: can't allocate
+    memory"), not MemoryError."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 def _run(args, device, dtype, progress) -> int:

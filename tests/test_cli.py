@@ -113,6 +113,7 @@ def test_help_exits_zero_and_documents_options(capsys):
         (["--window", "-1"], "--window"),
         (["--dtype", "float64"], "--dtype"),
         (["--features", "0", "--sparse", "none"], "--features"),
+        (["--seed", str(2**63)], "--seed"),
     ],
 )
 def test_bad_option_exits_nonzero_naming_it(capsys, argv, named):
@@ -147,3 +148,20 @@ def test_python_dash_m_bad_option():
     )
     assert proc.returncode != 0
     assert "--sparse" in proc.stderr
+
+
+def test_cpu_out_of_memory_is_reported_not_a_traceback(capsys, monkeypatch):
+    """torch's CPU allocator fails with a RuntimeError, not MemoryError: the CLI reports it as out
+    of memory with a hint; any other RuntimeError still propagates."""
+    from scatterattn import cli
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1000000000000 bytes.")
+
+    monkeypatch.setattr(cli, "_run", fail)
+    assert main(["--seq-len", "64"]) == 1
+    assert "out of memory on cpu" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        main(["--seq-len", "64"])

@@ -267,3 +267,41 @@ def test_timm_free_attn_layer_and_training():
     exact = ScatterbrainTimmAttention(32, num_heads=4, attn_drop=0.5, scatterbrain="exact").train()
     y = torch.randn(1, 5, 32)
     assert (exact(y) - exact(y)).abs().max() > 0  # exact layers apply attention dropout
+
+
+class BiasedTimmAttentionCopy(TimmAttentionCopy):
+    """A timm-style Attention with parameters of its own (as BEiT's q_bias / v_bias), which
+    ScatterbrainTimmAttention would drop."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(dim, **kwargs)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+
+
+BiasedTimmAttentionCopy.__name__ = BiasedTimmAttentionCopy.__qualname__ = "Attention"
+BiasedTimmAttentionCopy.__module__ = "timm.models.beit"
+
+
+def test_timm_attention_with_parameters_of_its_own_is_not_swapped():
+    """Only timm Attention modules whose parameters all live in the children ScatterbrainTimmAttention
+    takes over are swapped; others are reported and left unchanged (before: their own parameters
+    were dropped, or the forward failed)."""
+    model = nn.ModuleDict({"plain": TimmAttentionCopy(32, num_heads=4), "biased": BiasedTimmAttentionCopy(32, num_heads=4)})
+    with pytest.warns(UserWarning, match="unchanged"):
+        report = swap_attention(model, COVER)
+    assert report.names == ["plain"] and type(model["biased"]) is BiasedTimmAttentionCopy
+    with pytest.raises(TypeError, match="expected timm's vision-transformer Attention"):
+        ScatterbrainTimmAttention.from_timm(BiasedTimmAttentionCopy(32, num_heads=4), COVER)
+
+
+def test_attention_dropout_option_of_the_timm_layer():
+    """attention_dropout='ignore' on the layer or on scatterbrain_attn_layer trains a ViT whose
+    attn_drop > 0 (without that dropout); bad values raise."""
+    x = torch.randn(1, 5, 32)
+    layer = ScatterbrainTimmAttention(32, num_heads=4, attn_drop=0.1, scatterbrain=APPROX, seed=0,
+                                      attention_dropout="ignore").train()
+    assert torch.equal(layer(x), layer(x))
+    built = scatterbrain_attn_layer(APPROX, seed=0, attention_dropout="ignore")(32, num_heads=4, attn_drop=0.1).train()
+    assert torch.equal(built(x), built(x))
+    with pytest.raises(ValueError, match="attention_dropout must be 'error' or 'ignore'"):
+        scatterbrain_attn_layer(APPROX, attention_dropout="skip")

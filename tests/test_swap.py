@@ -241,3 +241,85 @@ def test_models_without_supported_attention_raise():
         swap_attention(encoder(), bucket=3)
     with pytest.raises(ValueError, match="must be 'exact'"):
         swap_attention(encoder(), "dense")
+
+
+class SharedLayers(nn.Module):
+    """One MultiheadAttention object used at three places (weight-tied layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([make_mha(batch_first=True)] * 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x, x, x, need_weights=False)[0]
+        return x
+
+
+@torch.no_grad()
+def test_a_module_used_at_several_places_is_swapped_at_each():
+    """A shared module is replaced by one new module installed at every place (before: only the
+    first place was swapped, silently), and restored at every place."""
+    model = SharedLayers()
+    original = model.layers[0]
+    x = inputs(True)[0]
+    dense = model(x)
+    report = swap_attention(model, COVER)
+    assert report.names == ["layers.0", "layers.1", "layers.2"]
+    assert all(layer is model.layers[0] for layer in model.layers)
+    assert isinstance(model.layers[0], ScatterbrainMultiheadAttention)
+    torch.testing.assert_close(model(x), dense, atol=ATOL, rtol=0)
+    restore_attention(model)
+    assert all(layer is original for layer in model.layers)
+    with pytest.raises(ValueError, match="same module object as another swapped place"):
+        swap_attention(model, COVER, per_layer={"layers.1": APPROX})
+
+
+def test_modules_that_add_to_multihead_attention_are_not_swapped():
+    """A pruned MultiheadAttention (its weight computed from weight_orig and a mask) or a subclass
+    with a parameter of its own would lose what it adds: such modules are left unchanged and
+    reported (an error with strict=True), and from_module refuses a pruned one; a swap that fails
+    changes nothing."""
+    import torch.nn.utils.prune as prune
+
+    class WithGain(nn.MultiheadAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gain = nn.Parameter(torch.ones(1))
+
+    pruned = make_mha()
+    prune.random_unstructured(pruned, "in_proj_weight", amount=0.3)
+    model = nn.ModuleList([make_mha(), pruned, WithGain(E, H)])
+    with pytest.warns(UserWarning, match="unchanged"):
+        report = swap_attention(model, COVER)
+    assert report.names == ["0"] and type(model[1]) is nn.MultiheadAttention and type(model[2]) is WithGain
+    assert {name for name, _ in report.skipped} == {"1", "2"}
+    with pytest.raises(TypeError, match="pruned or parametrized"):
+        ScatterbrainMultiheadAttention.from_module(pruned, COVER)
+    restore_attention(model)
+    with pytest.raises(ValueError, match="strict=True"):
+        swap_attention(model, COVER, strict=True)
+    assert type(model[0]) is nn.MultiheadAttention  # the failed swap changed nothing
+
+
+def test_per_layer_dicts_apply_on_top_of_the_default_setting():
+    model = encoder(layers=2)
+    report = swap_attention(model, COVER, per_layer={"layers.1.self_attn": {"num_features": 4}})
+    assert model.layers[1].self_attn.spec == ScatterbrainConfig(num_features=4, bucket_size=64)
+    assert model.layers[0].self_attn.spec == COVER and len(report) == 2
+
+
+def test_causal_mask_of_the_wrong_size_and_dropout_option():
+    """A 2-D attn_mask must be (L, S), as torch requires; attention_dropout='ignore' on the
+    constructor trains a layer whose MultiheadAttention has dropout."""
+    mha = ScatterbrainMultiheadAttention(E, H, batch_first=True, scatterbrain=APPROX, seed=0)
+    q = torch.randn(2, 6, E)
+    with pytest.raises(ValueError, match=r"attn_mask has shape \(4, 4\) but should be \(L, S\) = \(6, 6\)"):
+        mha(q, q, q, attn_mask=nn.Transformer.generate_square_subsequent_mask(4), need_weights=False)
+    dropped = ScatterbrainMultiheadAttention(E, H, dropout=0.1, batch_first=True, scatterbrain=APPROX, seed=0).train()
+    with pytest.raises(ValueError, match="attention_dropout='ignore'"):
+        dropped(q, q, q, need_weights=False)
+    ignoring = ScatterbrainMultiheadAttention(E, H, dropout=0.1, batch_first=True, scatterbrain=APPROX, seed=0,
+                                              attention_dropout="ignore").train()
+    out = ignoring(q, q, q, need_weights=False)[0]
+    assert torch.equal(out, ignoring(q, q, q, need_weights=False)[0])  # no dropout applied

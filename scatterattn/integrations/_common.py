@@ -66,6 +66,15 @@ def merge_settings(config: LayerSpec, settings: Mapping[str, Any]) -> Scatterbra
     return dataclasses.replace(resolved, **settings)
 
 
+def layer_setting(base: ScatterbrainConfig | str, spec: LayerSpec) -> ScatterbrainConfig | str:
+    """A per-layer setting: a dict of fields applies on top of the default setting `base` (when that
+    is a ScatterbrainConfig: ``{"num_features": 32}`` changes only that); a ScatterbrainConfig,
+    "exact" or None stands on its own (None: the library defaults)."""
+    if isinstance(spec, Mapping) and isinstance(base, ScatterbrainConfig):
+        return merge_settings(base, spec)
+    return resolve_spec(spec)
+
+
 def describe(spec: ScatterbrainConfig | str) -> str:
     if spec == EXACT:
         return "exact"
@@ -140,8 +149,12 @@ def make_core(
     redraw_interval: int | None = None,
     backend: str = "auto",
     device: torch.device | str | None = None,
+    attention_dropout: str = "error",
 ) -> nn.Module:
-    """The attention core for one layer: `ExactAttention` or an `AttachedScatterbrain`."""
+    """The attention core for one layer: `ExactAttention` or an `AttachedScatterbrain`.
+    attention_dropout: "error" or "ignore" (see `core_dropout`; exact layers apply dropout)."""
+    if attention_dropout not in ("error", "ignore"):
+        raise ValueError(f"attention_dropout must be 'error' or 'ignore', got {attention_dropout!r}")
     if spec == EXACT:
         return ExactAttention()
     c = spec
@@ -157,6 +170,7 @@ def make_core(
         seed=seed,
         backend=backend,
     )
+    core.ignore_dropout = attention_dropout == "ignore"
     if device is not None:
         core = core.to(device)
     return core
@@ -172,8 +186,9 @@ def core_dropout(core: nn.Module, p: float, where: str) -> float:
         return 0.0
     raise ValueError(
         f"{where}: attention dropout (p={p}) cannot be applied by Scatterbrain attention, which never forms "
-        "the attention matrix. Set the model's attention dropout to 0, run in eval mode, or configure the "
-        "layer with attention_dropout='ignore' (train without attention dropout) or as 'exact'."
+        "the attention matrix. Set the model's attention dropout to 0, run in eval mode, or build the layer "
+        "with attention_dropout='ignore' (train without attention dropout; swap_attention, hf.configure, "
+        "ScatterbrainMultiheadAttention, ScatterbrainTimmAttention and scatterbrain_attn_layer take it) or as 'exact'."
     )
 
 

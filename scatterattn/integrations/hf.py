@@ -72,6 +72,7 @@ from ._common import (
     LayerSpec,
     core_dropout,
     describe,
+    layer_setting,
     make_core,
     merge_settings,
     model_device,
@@ -210,9 +211,8 @@ def _get_core(module: nn.Module, query: torch.Tensor) -> nn.Module:
                 redraw_interval=pending.get("redraw_interval"),
                 backend=pending.get("backend", "auto"),
                 device=query.device,
+                attention_dropout=pending.get("attention_dropout", "error"),
             )
-        if isinstance(core, AttachedScatterbrain):
-            core.ignore_dropout = pending.get("ignore_dropout", False)
         setattr(module, CORE_NAME, core)
     if isinstance(core, AttachedScatterbrain) and core.head_dim != query.shape[-1]:
         raise ValueError(
@@ -350,7 +350,8 @@ def configure(
 
     default: the setting of layers not in `per_layer` (ScatterbrainConfig, dict, "exact" or None);
     keyword `settings` (ScatterbrainConfig fields) apply on top of it.
-    per_layer: {layer index or module name: setting}; a layer index is the module's ``layer_idx``
+    per_layer: {layer index or module name: setting; a dict of fields applies on top of the default
+    setting}; a layer index is the module's ``layer_idx``
     (or its position among the attention modules when it has none) and selects every attention
     module with that index (self- and cross-attention of a layer). Unknown keys raise.
     seed: layer i (its position among the attention modules) gets seed ``seed + i``.
@@ -368,7 +369,7 @@ def configure(
     for key, spec in per_layer.items():
         if isinstance(key, bool) or not isinstance(key, (int, str)):
             raise TypeError(f"per_layer keys must be layer indices (int) or module names (str), got {key!r}")
-        per_layer[key] = resolve_spec(spec)
+        per_layer[key] = layer_setting(base, spec)
     modules = attention_modules(model)
     if not modules:
         raise ValueError(
@@ -409,14 +410,11 @@ def configure(
                 "seed": seed + position,
                 "redraw_interval": redraw_interval,
                 "backend": backend,
-                "ignore_dropout": attention_dropout == "ignore",
+                "attention_dropout": attention_dropout,
             }
         else:
-            core = make_core(
-                spec, head_dim, seed=seed + position, redraw_interval=redraw_interval, backend=backend, device=device
-            )
-            if isinstance(core, AttachedScatterbrain):
-                core.ignore_dropout = attention_dropout == "ignore"
+            core = make_core(spec, head_dim, seed=seed + position, redraw_interval=redraw_interval, backend=backend,
+                             device=device, attention_dropout=attention_dropout)
             setattr(module, CORE_NAME, core)
         report.append((name, describe(spec)))
     state = model.__dict__.get(_STATE_ATTR)

@@ -59,6 +59,7 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
         seed: int | None = None,
         redraw_interval: int | None = None,
         backend: str = "auto",
+        attention_dropout: str = "error",
     ) -> None:
         super().__init__(
             embed_dim,
@@ -76,7 +77,8 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
         self.spec = resolve_spec(scatterbrain)
         core_device = None if device is None or torch.device(device).type == "meta" else device
         self.scatterbrain = make_core(
-            self.spec, self.head_dim, seed=seed, redraw_interval=redraw_interval, backend=backend, device=core_device
+            self.spec, self.head_dim, seed=seed, redraw_interval=redraw_interval, backend=backend, device=core_device,
+            attention_dropout=attention_dropout,
         )
         self.register_forward_pre_hook(_keep_module_call)
 
@@ -89,10 +91,18 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
         seed: int | None = None,
         redraw_interval: int | None = None,
         backend: str = "auto",
+        attention_dropout: str = "error",
     ) -> "ScatterbrainMultiheadAttention":
         """A ScatterbrainMultiheadAttention sharing `mha`'s parameters (the same Parameter objects)."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"expected an nn.MultiheadAttention, got {type(mha).__name__}")
+        hidden = [name for name in sorted(_MHA_PARAMETERS)
+                  if mha._parameters.get(name) is None and getattr(mha, name, None) is not None]
+        if hidden or torch.nn.utils.parametrize.is_parametrized(mha):
+            raise TypeError(
+                f"cannot share the parameters of a pruned or parametrized nn.MultiheadAttention "
+                f"({', '.join(hidden) or 'parametrized'} computed, not a Parameter); remove the pruning "
+                "(torch.nn.utils.prune.remove) or parametrization first")
         new = cls(
             mha.embed_dim,
             mha.num_heads,
@@ -108,6 +118,7 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
             seed=seed,
             redraw_interval=redraw_interval,
             backend=backend,
+            attention_dropout=attention_dropout,
         )
         for name in list(new._parameters):
             new._parameters[name] = mha._parameters.get(name)
@@ -139,7 +150,6 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
             )
         if query.is_nested or key.is_nested or value.is_nested:
             return self._forward_nested(query, key, value, key_padding_mask, attn_mask, is_causal), None
-        causal = self._causal_from(attn_mask, is_causal)
         unbatched = query.dim() == 2
         if unbatched:
             if key.dim() != 2 or value.dim() != 2:
@@ -153,6 +163,7 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
             )
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        causal = self._causal_from(attn_mask, is_causal, query.shape[1], key.shape[1])
         out = self._attend(query, key, value, self._padding_from(key_padding_mask), causal)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -241,7 +252,7 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
         return padded
 
     @staticmethod
-    def _causal_from(attn_mask, is_causal) -> bool:
+    def _causal_from(attn_mask, is_causal, n_q: int, n_k: int) -> bool:
         if attn_mask is None:
             return bool(is_causal)
         if attn_mask.dim() != 2:
@@ -250,7 +261,8 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
                 "Arbitrary attention masks are not supported by Scatterbrain attention (use key_padding_mask "
                 "for padding)"
             )
-        n_q, n_k = attn_mask.shape
+        if tuple(attn_mask.shape) != (n_q, n_k):
+            raise ValueError(f"the 2-D attn_mask has shape {tuple(attn_mask.shape)} but should be (L, S) = {(n_q, n_k)}")
         hidden = torch.ones(n_q, n_k, dtype=torch.bool, device=attn_mask.device).triu(1)
         if attn_mask.dtype == torch.bool:
             exact_causal = torch.equal(attn_mask, hidden)
@@ -269,8 +281,18 @@ class ScatterbrainMultiheadAttention(nn.MultiheadAttention):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
+_MHA_PARAMETERS = {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k",
+                   "bias_v"}
+
+
 def is_plain_mha(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) and not isinstance(module, ScatterbrainMultiheadAttention)
+    """torch.nn.MultiheadAttention as torch defines it: its own forward, no parameters, buffers or
+    children beyond its standard ones (a subclass, or a pruned or parametrized module, would lose
+    what it adds)."""
+    return (isinstance(module, nn.MultiheadAttention) and not isinstance(module, ScatterbrainMultiheadAttention)
+            and type(module).forward is nn.MultiheadAttention.forward
+            and set(module._parameters) <= _MHA_PARAMETERS and not module._buffers
+            and set(module._modules) == {"out_proj"})
 
 
 __all__ = ["ScatterbrainMultiheadAttention", "is_plain_mha"]

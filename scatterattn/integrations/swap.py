@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ._common import LayerSpec, describe, merge_settings, resolve_spec
+from ._common import LayerSpec, describe, layer_setting, merge_settings
 from .mha import ScatterbrainMultiheadAttention, is_plain_mha
 from .timm import ScatterbrainTimmAttention, is_timm_attention
 
@@ -100,7 +100,7 @@ def _scan(model: nn.Module, kinds):
     targets: list[tuple[str, str, nn.Module]] = []
     suspects: list[tuple[str, str]] = []
     already: list[tuple[str, str]] = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # a shared module at each place
         if _is_under(name, handled):
             continue
         if hf is not None and hf.is_hf_model(module):
@@ -118,7 +118,7 @@ def _scan(model: nn.Module, kinds):
             if kind in kinds:
                 targets.append((kind, name, module))
             continue
-        if _ATTENTION_NAME.search(type(module).__name__):
+        if _ATTENTION_NAME.search(type(module).__name__) or isinstance(module, nn.MultiheadAttention):
             suspects.append((name, type(module).__name__))
     target_names = [t[1] for t in targets] + [a[0] for a in already]
     suspects = [
@@ -144,10 +144,15 @@ def swap_attention(
 
     config: the default setting (ScatterbrainConfig, dict of its fields, "exact" or None for the
     defaults); keyword `settings` (ScatterbrainConfig fields, e.g. ``num_features=64``) apply on
-    top of it. per_layer: {key: setting}; a str key is a module name; an int key is a layer index
+    top of it. per_layer: {key: setting; a dict of fields applies on top of the default setting};
+    a str key is a module name; an int key is a layer index
     for transformers models (the module's ``layer_idx``) and, for timm / nn.MultiheadAttention
     modules, their position in the swap order (``report.replaced``). Mixing int keys with both
-    families in one model is ambiguous and raises. seed: module i gets ``seed + i``.
+    families in one model is ambiguous and raises. seed: module i gets ``seed + i``. A module object
+    used at several places is replaced by one new module at all of them. Every replacement is built
+    before the model changes, so a swap that raises leaves the model as it was. Modules that add to
+    the supported classes (subclasses, pruned or parametrized modules, timm Attention variants with
+    parameters of their own) are left unchanged and reported, as other attention-like modules.
     attention_dropout: "error" or "ignore" (see `scatterattn.integrations.hf.configure`).
     strict: raise when other attention-like modules would be left unchanged (else warn).
     """
@@ -157,7 +162,7 @@ def swap_attention(
     if attention_dropout not in ("error", "ignore"):
         raise ValueError(f"attention_dropout must be 'error' or 'ignore', got {attention_dropout!r}")
     spec = merge_settings(config, settings)
-    per_layer = {key: resolve_spec(value) for key, value in dict(per_layer or {}).items()}
+    per_layer = {key: layer_setting(spec, value) for key, value in dict(per_layer or {}).items()}
     for key in per_layer:
         if isinstance(key, bool) or not isinstance(key, (int, str)):
             raise TypeError(f"per_layer keys must be ints or module names, got {key!r}")
@@ -214,6 +219,25 @@ def swap_attention(
             f"per_layer keys {unknown} match no swappable module; swappable: {[t[1] for t in targets]}"
         )
 
+    # Build every replacement before changing the model, so that a module that cannot be swapped
+    # leaves it as it was. A module object used at several places is replaced by one new module
+    # (its setting and seed those of its first place) installed at every one of them.
+    built: dict[int, tuple[nn.Module, str]] = {}
+    installs = []
+    for position, kind, name, module, layer_spec in module_plan:
+        if id(module) not in built:
+            options = {"seed": seed + position, "redraw_interval": redraw_interval, "backend": backend,
+                       "attention_dropout": attention_dropout}
+            if kind == "mha":
+                new = ScatterbrainMultiheadAttention.from_module(module, layer_spec, **options)
+            else:
+                new = ScatterbrainTimmAttention.from_timm(module, layer_spec, **options)
+            built[id(module)] = (new, describe(layer_spec))
+        elif built[id(module)][1] != describe(layer_spec):
+            raise ValueError(f"{name} is the same module object as another swapped place, but per_layer gives "
+                             "it a different setting")
+        installs.append((kind, name, module, built[id(module)][0]))
+
     for prefix, name, hf_model, own in hf_plan:
         from . import hf
 
@@ -224,14 +248,7 @@ def swap_attention(
         )
         report.replaced.extend(SwapEntry(prefix + sub if sub else name, "hf", before, after) for sub, after in configured)
 
-    for position, kind, name, module, layer_spec in module_plan:
-        options = {"seed": seed + position, "redraw_interval": redraw_interval, "backend": backend}
-        if kind == "mha":
-            new = ScatterbrainMultiheadAttention.from_module(module, layer_spec, **options)
-        else:
-            new = ScatterbrainTimmAttention.from_timm(module, layer_spec, **options)
-        if getattr(new.scatterbrain, "ignore_dropout", None) is not None:
-            new.scatterbrain.ignore_dropout = attention_dropout == "ignore"
+    for kind, name, module, new in installs:
         new.__dict__[_ORIGINAL] = module
         _set_submodule(model, name, new)
         report.replaced.append(SwapEntry(name, kind, type(module).__name__, describe(new.spec)))
@@ -245,7 +262,7 @@ def restore_attention(model: nn.Module, *, kinds: tuple[str, ...] = KINDS) -> Sw
     report = SwapReport()
     handled: list[str] = []
     actions = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if _is_under(name, handled):
             continue
         if "hf" in kinds and hf is not None and hf.is_hf_model(module) and hf.is_configured(module):
@@ -275,15 +292,19 @@ def restore_attention(model: nn.Module, *, kinds: tuple[str, ...] = KINDS) -> Sw
                 for sub in removed
             )
             continue
-        original = module.__dict__.pop(_ORIGINAL)
-        for pname in original._parameters:
-            original._parameters[pname] = module._parameters.get(pname)
+        original = module.__dict__[_ORIGINAL]
+        for pname in original._parameters:  # the current parameters (only those the swap shared)
+            if pname in module._parameters:
+                original._parameters[pname] = module._parameters[pname]
         for cname in original._modules:
             if cname in module._modules:
                 original._modules[cname] = module._modules[cname]
         original.train(module.training)
         _set_submodule(model, name, original)
         report.replaced.append(SwapEntry(name, kind, type(module).__name__, type(original).__name__))
+    for kind, _, module in actions:
+        if kind != "hf":
+            module.__dict__.pop(_ORIGINAL, None)
     return report
 
 

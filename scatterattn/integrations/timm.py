@@ -42,6 +42,7 @@ class ScatterbrainTimmAttention(nn.Module):
     default_seed: int | None = None
     default_redraw_interval: int | None = None
     default_backend: str = "auto"
+    default_attention_dropout: str = "error"
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class ScatterbrainTimmAttention(nn.Module):
         seed: int | None = None,
         redraw_interval: int | None = None,
         backend: str | None = None,
+        attention_dropout: str | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -101,6 +103,7 @@ class ScatterbrainTimmAttention(nn.Module):
             redraw_interval=redraw_interval if redraw_interval is not None else type(self).default_redraw_interval,
             backend=backend or type(self).default_backend,
             device=core_device,
+            attention_dropout=attention_dropout or type(self).default_attention_dropout,
         )
 
     @classmethod
@@ -119,6 +122,7 @@ class ScatterbrainTimmAttention(nn.Module):
         seed: int | None = None,
         redraw_interval: int | None = None,
         backend: str = "auto",
+        attention_dropout: str = "error",
     ) -> "ScatterbrainTimmAttention":
         """A ScatterbrainTimmAttention sharing the submodules (and so the weights) of timm's `attn`."""
         if not is_timm_attention(attn):
@@ -129,7 +133,7 @@ class ScatterbrainTimmAttention(nn.Module):
         new.head_dim = attn.head_dim
         new.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         new.scale = attn.scale
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
+        for name in _TIMM_CHILDREN:
             child = getattr(attn, name, None)
             if child is None and name in ("q_norm", "k_norm", "norm"):
                 child = nn.Identity()
@@ -137,7 +141,7 @@ class ScatterbrainTimmAttention(nn.Module):
         new.spec = resolve_spec(scatterbrain)
         new.scatterbrain = make_core(
             new.spec, new.head_dim, seed=seed, redraw_interval=redraw_interval, backend=backend,
-            device=model_device(attn),
+            device=model_device(attn), attention_dropout=attention_dropout,
         )
         new.train(attn.training)
         return new
@@ -173,6 +177,7 @@ def scatterbrain_attn_layer(
     seed: int | None = None,
     redraw_interval: int | None = None,
     backend: str = "auto",
+    attention_dropout: str = "error",
     **settings,
 ) -> type[ScatterbrainTimmAttention]:
     """A `ScatterbrainTimmAttention` subclass with these defaults, for timm's ``attn_layer=`` hook.
@@ -180,24 +185,40 @@ def scatterbrain_attn_layer(
     timm passes only its own arguments to ``attn_layer``, so the settings are bound into a class
     (a ``functools.partial`` would not do: timm calls ``issubclass`` on it). With ``seed`` given,
     the layers built from this class get seeds ``seed, seed + 1, ...`` in construction order;
-    with None each draws its seed from torch's global RNG.
+    with None each draws its seed from torch's global RNG. attention_dropout: "error" or "ignore"
+    (train Scatterbrain layers without the model's attention dropout; "exact" layers apply it).
     """
+    if attention_dropout not in ("error", "ignore"):
+        raise ValueError(f"attention_dropout must be 'error' or 'ignore', got {attention_dropout!r}")
     spec = merge_settings(config, settings)
     attrs = {
         "default_spec": spec,
         "default_seed": seed,
         "default_redraw_interval": redraw_interval,
         "default_backend": backend,
+        "default_attention_dropout": attention_dropout,
         "_seed_counter": itertools.count() if seed is not None else None,
         "__module__": __name__,
     }
     return type("ConfiguredScatterbrainTimmAttention", (ScatterbrainTimmAttention,), attrs)
 
 
+_TIMM_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop")
+
+
 def is_timm_attention(module: nn.Module) -> bool:
-    """True for timm's plain vision-transformer Attention (not its RoPE / diff / pooling variants)."""
+    """True for timm's plain vision-transformer Attention (not its RoPE / diff / pooling variants):
+    a timm class named Attention whose children are among those `ScatterbrainTimmAttention` takes
+    over (a Linear qkv and a proj), with no parameters or buffers of its own (BEiT's q/v biases and
+    relative-position tables, SAM's rel_pos, ... would be lost) and num_heads / head_dim / scale."""
     cls = type(module)
-    return cls.__name__ == "Attention" and cls.__module__.split(".")[0] == "timm" and hasattr(module, "qkv")
+    if cls.__name__ != "Attention" or cls.__module__.split(".")[0] != "timm":
+        return False
+    children = dict(module.named_children())
+    return (isinstance(children.get("qkv"), nn.Linear) and "proj" in children and set(children) <= set(_TIMM_CHILDREN)
+            and not any(True for _ in module.parameters(recurse=False))
+            and not any(True for _ in module.buffers(recurse=False))
+            and all(hasattr(module, name) for name in ("num_heads", "head_dim", "scale")))
 
 
 def swap_timm_attention(model: nn.Module, config: LayerSpec = None, **kwargs):
