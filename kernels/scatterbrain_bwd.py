@@ -168,7 +168,7 @@ def key_lowrank_bwd_kernel(
         f_ok = offs_f < M
         g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
         lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-        kt = tl.where(ok[:, None], tl.exp(lk - g[None, :]), 0.0)
+        kt = tl.exp(tl.where(ok[:, None], lk - g[None, :], NEG))
         qg = tl.load(QG + state * M * DV + offs_f[:, None] * DV + offs_dv[None, :],
                      mask=f_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         qd = tl.load(QD + state * M + offs_f, mask=f_ok, other=0.0)
@@ -277,7 +277,7 @@ def sparse_lowrank_bwd_dq_kernel(
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
-                kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0).to(da_hi.dtype)
+                kt = tl.exp(tl.where(k_ok[:, None], lk - g[None, :], NEG)).to(da_hi.dtype)
                 x = -split_lhs_dot(da_hi, da_lo, kt, PREC, q.dtype == tl.float32) * da_scale[:, None]  # - sum_j dA_ij Kt_jf
                 if LOW_RANK_IN_CHUNK:
                     if k0 + BLOCK_K >= TK:  # once, in the last chunk: + G_i . KV_f - delta_i z_f
@@ -388,7 +388,7 @@ def sparse_lowrank_bwd_dkdv_kernel(
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 p = tl.where(q_ok[:, None], tl.exp(lq + g[None, :] - row[:, None]) * inv_m, 0.0)
                 p = p.to(q.dtype).to(da_hi.dtype)
-                kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
+                kt = tl.exp(tl.where(k_ok[:, None], lk - g[None, :], NEG))
                 corr_t = tl.dot((-kt).to(da_hi.dtype), tl.trans(p), corr_t, input_precision=PREC)
                 x = split_lhs_dot(da_hi, da_lo, p, PREC, q.dtype == tl.float32)
                 u = -kt * (x * da_scale[:, None])  # - Kt_jf sum_i dA_ij P_if
@@ -563,7 +563,7 @@ def full_tile_bwd_dkdv_kernel(
                                      BLOCK_Q, BLOCK_F, BLOCK_D, BLOCK_DV)
         g = tl.load(G + state * M + offs_f, mask=f_ok, other=0.0)
         lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
-        kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
+        kt = tl.exp(tl.where(k_ok[:, None], lk - g[None, :], NEG))
         dv = tl.dot(kt, qg, dv, input_precision=FP32_PREC)
         u = kt * (tl.dot(v.to(tl.float32), tl.trans(qg), input_precision=FP32_PREC) - qd[None, :])
         w = tl.load(W + offs_f[:, None] * stride_wm + offs_d[None, :],

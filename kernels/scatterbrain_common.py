@@ -177,7 +177,7 @@ def outside_key_state(K_LIST, TK, S, VALID_ROW, k_base, v_base, stride_kn, strid
         kf = k.to(tl.float32)
         lk = feature_logits(k, tl.sum(kf * kf, 1) * (0.5 * tau), W, f0, M, D, stride_wm, sqrt_tau,
                             BLOCK_F, BLOCK_D, PREC)
-        kt = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)
+        kt = tl.exp(tl.where(k_ok[:, None], lk - g[None, :], NEG))
         vkt = tl.dot(tl.trans(kt).to(v.dtype), v, vkt, input_precision=PREC)
         kt_sum += tl.sum(kt, 0)
     kv = tl.load(KV_ROW + offs_f[:, None] * DV + offs_dv[None, :], mask=f_ok[:, None] & (offs_dv[None, :] < DV),

@@ -88,7 +88,7 @@ def key_state_kernel(
         logits = tl.where(valid[:, None], logits, NEG)
         new_max = tl.maximum(run_max, tl.max(logits, 0))
         alpha = tl.exp(run_max - new_max)
-        p = tl.where(valid[:, None], tl.exp(logits - new_max[None, :]), 0.0)
+        p = tl.exp(tl.where(valid[:, None], logits - new_max[None, :], NEG))
         if SPLIT:  # the per-pair kernels subtract phi_q . Kt v over the support from phi_q . KV
             acc = split_dot(tl.trans(p), v, acc * alpha[:, None], PREC)
         else:
@@ -224,7 +224,7 @@ def sparse_lowrank_fwd_kernel(
                 lq = feature_logits(q, q_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 lk = feature_logits(k, k_sq_half, W, f0, M, D, stride_wm, sqrt_tau, BLOCK_F, BLOCK_D, PREC)
                 phi_q = tl.exp(lq + g[None, :] - new_row[:, None]) * inv_m
-                phi_k = tl.where(k_ok[:, None], tl.exp(lk - g[None, :]), 0.0)  # padding keys: k = 0
+                phi_k = tl.exp(tl.where(k_ok[:, None], lk - g[None, :], NEG))  # padding keys: k = 0
                 # phi_q . phi_k nearly cancels exp(s - r) and phi_q . KV where the support holds most
                 # of the row's mass: fp16 operands for 16-bit inputs (11 significant bits, bf16 has
                 # 8; phi_q <= 1/m and phi_k <= 1 fit), fp32 KV (which can pass fp16's range) on TF32

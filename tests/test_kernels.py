@@ -115,11 +115,15 @@ def test_large_norms_half(sparse, dtype):
     (torch.float16, dict(sparse="local", window=16), 16, 16.0, 1),
     (torch.float16, dict(sparse="local", window=16), 32, 25.0, 0),
     (torch.bfloat16, dict(sparse="lsh", bucket_size=32, n_hashes=3), 16, 16.0, 553),
-], ids=["fp16-local-d16", "fp16-local-d32", "bf16-lsh-3-rounds-d16"])
+    (torch.float32, dict(sparse="local", window=16), 16, 30.0, 0),
+    (torch.float16, dict(sparse="lsh", bucket_size=16), 16, 30.0, 0),
+], ids=["fp16-local-d16", "fp16-local-d32", "bf16-lsh-3-rounds-d16", "fp32-local-d16-norm30", "fp16-lsh-d16-norm30"])
 def test_large_norms_small_head_dims(dtype, settings, dim, norm, seed):
     # at large norms and small head dims the per-pair feature gradients u = P x reach fp32
     # subnormals for whole rows: their row scale must not be inverted (1 / s overflowed to inf,
-    # dq NaN; found by review fuzzing, 2026-11-29)
+    # dq NaN; found by review fuzzing, 2026-11-29). At norm 30 every real key's feature logit is
+    # below -88: empty key slots (k = 0, logit 0) must not form exp(0 - g) = inf before their mask
+    # (RuntimeWarning in the interpreter, an error here; review 2026-11-29, session 10)
     check(dtype, 1, 2, 1, 53, 53, dim, dict(settings, num_features=16), padded=True, norm=norm, seed=seed)
 
 
