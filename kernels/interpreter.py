@@ -11,6 +11,7 @@ near-cancelling sums turn into errors of 0.1-0.4 where the support holds most of
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -56,5 +57,9 @@ def bf16_casts_round() -> bool:
 
 
 def bf16_kernels_work() -> bool:
-    """Whether bf16 kernels give a GPU's results on CPU tensors: right dots and rounded casts."""
+    """Whether bf16 kernels give a GPU's results on CPU tensors: right dots and rounded casts. False
+    without the interpreter (TRITON_INTERPRET unset, e.g. on a GPU machine): no kernel runs on CPU
+    tensors then, and the probes would be compiled for the GPU and fail on CPU pointers."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
     return bf16_dot_works() and bf16_casts_round()

@@ -383,6 +383,17 @@ def test_kernel_operand_dtype_policy():
     assert chained_grad.operand_dtype(torch.float16, "cpu") == want
 
 
+def test_no_cpu_kernel_probe_without_the_interpreter(monkeypatch):
+    """Without TRITON_INTERPRET (a GPU machine) no kernel runs on CPU tensors: the bf16 probes are
+    not launched (compiled for the GPU they would fail on CPU pointers) and CPU operands are fp32."""
+    from scatterattn.kernels import chained_grad, interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(interpreter, "bf16_dot_works", lambda: pytest.fail("probe launched"))
+    assert not interpreter.bf16_kernels_work()
+    assert chained_grad.operand_dtype(torch.float16, "cpu") == torch.float32
+
+
 def test_kronecker_kernels_wide_heads():
     """Head dim 160 (over the Scatterbrain kernels' 128, within the chained kernels' 256; no power
     of two), Dv 130: the Triton chain against the einsum chain, fp32."""
