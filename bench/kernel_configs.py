@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
+import sys
 
 import torch
 
@@ -97,8 +99,12 @@ def main(argv=None):
     out, den, stab = scatterbrain_fwd.sparse_lowrank_forward(q, k, v, w, state, plan, tau=tau, key_valid=None,
                                                              out_dtype=dtype)
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from provenance import git_commit
+
     print(f"# kernel launch configurations, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
-          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"scatterattn {git_commit()}")
     print(f"N {args.seq_len}, H {args.heads}, D {args.head_dim}, bf16, m {args.features}, bucket {args.bucket}")
     for name, configs in (("forward", FORWARD), ("backward_dq", BACKWARD_DQ), ("backward_dkdv", BACKWARD_DKDV)):
         calls = []

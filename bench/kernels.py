@@ -27,7 +27,8 @@ import time
 
 import torch
 
-METHODS = ("sdpa", "sb-lsh", "sb-local", "flex-window", "sb-lsh-reference", "sb-lsh-compiled")  # in this order
+METHODS = ("sdpa", "sb-lsh", "sb-local", "flex-window", "sb-lsh-reference", "sb-lsh-compiled")  # table order
+PRIMARY = ("sdpa", "sb-lsh", "sb-local")  # measured first (largest N first)
 GRAPHED = ("sdpa", "sb-lsh", "sb-local")
 
 
@@ -114,40 +115,44 @@ def run(args, names=METHODS, max_len=None, graphed=False, budget_s=None):
     dtype = getattr(torch, args.dtype)
     methods = build_methods(args, device)
     rows = []
-    for n in args.seq_lens:
-        if max_len is not None and n > max_len:
+    # The issue's headline rows first (SDPA and the kernels, largest N first), so that a time budget
+    # cuts the peers and small N rather than the 64k targets; then the others, smallest N first.
+    lengths = [n for n in args.seq_lens if max_len is None or n <= max_len]
+    first = [name for name in names if name in PRIMARY]
+    order = [(n, name) for n in sorted(lengths, reverse=True) for name in first]
+    order += [(n, name) for n in sorted(lengths) for name in names if name not in PRIMARY]
+    for n, name in order:
+        if name not in methods:
             continue
-        for name in names:
-            if name not in methods:
+        if name == "sb-lsh-reference" and n > args.reference_max_len:
+            continue
+        for backward in (False, True):
+            gen = torch.Generator(device=device).manual_seed(n)
+            shape = (args.batch, args.heads, n, args.head_dim)
+            q, k, v = (
+                torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_(backward)
+                for _ in range(3)
+            )
+            mode = "fwd+bwd" if backward else "fwd"
+            label = f"N={n:>6} {name:<17} {mode:<7}{' graph' if graphed else ''}"
+            if deadline is not None and time.monotonic() > deadline:
+                rows.append(dict(n=n, method=name, mode=mode, error=f"skipped: time budget of {budget_s} s"))
+                print(f"{label} skipped: time budget of {budget_s} s", file=sys.stderr, flush=True)
                 continue
-            if name == "sb-lsh-reference" and n > args.reference_max_len:
-                continue
-            for backward in (False, True):
-                gen = torch.Generator(device=device).manual_seed(n)
-                shape = (args.batch, args.heads, n, args.head_dim)
-                q, k, v = (
-                    torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_(backward)
-                    for _ in range(3)
-                )
-                mode = "fwd+bwd" if backward else "fwd"
-                if deadline is not None and time.monotonic() > deadline:
-                    rows.append(dict(n=n, method=name, mode=mode, error=f"skipped: time budget of {budget_s} s"))
-                    continue
-                label = f"N={n:>6} {name:<17} {mode:<7}{' graph' if graphed else ''}"
-                try:
-                    if graphed:
-                        result = dict(device_ms=measure_graphed(methods[name], q, k, v, backward))
-                    else:
-                        ms, peak = measure(methods[name], q, k, v, backward)
-                        result = dict(ms=ms, peak_mib=peak)
-                    print(label, " ".join(f"{key}={value:.3f}" for key, value in result.items()),
-                          file=sys.stderr, flush=True)
-                except Exception as exc:
-                    print(f"{label} failed: {exc!r}", file=sys.stderr, flush=True)
-                    result = dict(error=repr(exc))
-                rows.append(dict(n=n, method=name, mode=mode, **result))
-                del q, k, v
-                torch.cuda.empty_cache()
+            try:
+                if graphed:
+                    result = dict(device_ms=measure_graphed(methods[name], q, k, v, backward))
+                else:
+                    ms, peak = measure(methods[name], q, k, v, backward)
+                    result = dict(ms=ms, peak_mib=peak)
+                print(label, " ".join(f"{key}={value:.3f}" for key, value in result.items()),
+                      file=sys.stderr, flush=True)
+            except Exception as exc:
+                print(f"{label} failed: {exc!r}", file=sys.stderr, flush=True)
+                result = dict(error=repr(exc))
+            rows.append(dict(n=n, method=name, mode=mode, **result))
+            del q, k, v
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -226,10 +231,16 @@ def targets(rows):
         base, r = lookup(rows, n, "sdpa", mode), lookup(rows, n, method, mode)
         return base["ms"] / r["ms"] if base and r else None
 
+    def why_missing(n, mode):
+        """'not measured (<the row's error>)' for a headline pair without both times."""
+        errors = [r["error"] for r in rows if r["n"] == n and r["mode"] == mode and r["method"] in ("sdpa", "sb-lsh")
+                  and "error" in r]
+        return "not measured" + (f" ({errors[0]})" if errors else " (no row)")
+
     for n, mode, want in ((65536, "fwd", 15), (65536, "fwd+bwd", 8), (16384, "fwd", 3)):
         got = speedup(n, "sb-lsh", mode)
-        if got is not None:
-            out.append((f"N={n} {mode}: SB-LSH >= {want}x faster than SDPA", f"{got:.2f}x", got >= want))
+        desc = f"N={n} {mode}: SB-LSH >= {want}x faster than SDPA"
+        out.append((desc, f"{got:.2f}x", got >= want) if got is not None else (desc, why_missing(n, mode), False))
     for n in (4096, 16384, 65536):
         for mode in ("fwd", "fwd+bwd"):
             got = speedup(n, "sb-lsh", mode)
@@ -302,6 +313,7 @@ def main(argv=None):
     parser.add_argument("--compiled", action="store_true", help="also time SB-LSH under torch.compile (reduce-overhead)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to time")
     parser.add_argument("--graph-max-len", type=int, default=16384, help="largest N timed from a CUDA graph")
+    parser.add_argument("--tag", default="", help="added to the report's file name (kernels-TAG-DATE-DEVICE)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -310,7 +322,11 @@ def main(argv=None):
     rows = run(args, [name for name in METHODS if name in args.methods], budget_s=args.budget)
     stamp = datetime.date.today().isoformat()
     device_name = torch.cuda.get_device_name()
-    header = (f"{stamp}, {device_name}, torch {torch.__version__}, triton {triton.__version__}; "
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from provenance import git_commit
+
+    header = (f"{stamp}, {device_name}, torch {torch.__version__}, triton {triton.__version__}, "
+              f"scatterattn {git_commit()}; "
               f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}, m={args.features}, "
               f"bucket/window={args.bucket}; medians of triton.testing.do_bench")
     checks = targets(rows)
@@ -319,7 +335,7 @@ def main(argv=None):
     ) + "\n"
     os.makedirs(args.out, exist_ok=True)
     slug = device_name.replace(" ", "-").replace("/", "-")
-    base = os.path.join(args.out, f"kernels-{stamp}-{slug}")
+    base = os.path.join(args.out, "-".join(filter(None, ("kernels", args.tag, stamp, slug))))
     with open(base + ".md", "w") as fh:
         fh.write(text)
     with open(base + ".json", "w") as fh:

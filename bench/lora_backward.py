@@ -146,7 +146,7 @@ def run(args) -> list[dict]:
     for n in args.seq_lens:
         q, k, v, g = make_inputs(n, args, device, dtype, seed=n)
         for name in METHODS:
-            label = f"N={n:>6} {name:<8}"
+            label = f"N={n:>6} {name:<8} m={args.features}{' causal' if args.causal else ''}"
             before = stats.fallback
             approx_before = stats.approximate
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,15 +11,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def git_commit() -> str:
     """Short commit of the repository, '+dirty' when the package (scatterattn/, kernels/) has local
-    changes, or 'unknown' outside a git checkout."""
+    changes; outside a git checkout (a copy of the tree on a GPU machine) the GPU_CHECK_COMMIT
+    environment variable, else 'unknown'."""
+    given = os.environ.get("GPU_CHECK_COMMIT")
+    if given and not (ROOT / ".git").exists():
+        return given
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "scatterattn", "kernels"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
+        return given or "unknown"
+    if not head:
+        return given or "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def cpu_report(title: str, setting: str, body: list[str], out: str | None) -> str:

@@ -62,6 +62,18 @@ def test_kernel_targets_arithmetic(kernels):
     assert checks["N=4096 fwd: SB-LSH under torch.compile faster than SDPA"] == ("2.00x", True)  # 0.2 / 0.1
 
 
+def test_kernel_targets_say_when_a_headline_row_was_not_measured(kernels):
+    """A 64k row cut by the time budget (or failed) shows as an unmet 'not measured' target naming
+    why, instead of the target silently missing from the list."""
+    rows = [r for r in _kernel_rows() if not (r["n"] == 65536 and r["method"] in ("sdpa", "sb-lsh"))]
+    rows.append(dict(n=65536, method="sdpa", mode="fwd", error="skipped: time budget of 120 s"))
+    checks = {desc: (got, met) for desc, got, met in kernels.targets(rows)}
+    assert checks["N=65536 fwd: SB-LSH >= 15x faster than SDPA"] == (
+        "not measured (skipped: time budget of 120 s)", False)
+    assert checks["N=65536 fwd+bwd: SB-LSH >= 8x faster than SDPA"] == ("not measured (no row)", False)
+    assert checks["N=16384 fwd: SB-LSH >= 3x faster than SDPA"] == ("4.80x", True)
+
+
 def test_kernel_table_skips_failed_rows_and_plots(kernels, tmp_path):
     rows = _kernel_rows()
     text = kernels.table(rows, [4096, 16384, 65536])
