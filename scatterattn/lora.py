@@ -711,13 +711,14 @@ class ChainedLowRankAttention(ScatterbrainAttention):
                 f"query head_dim {query.shape[-1]} does not match this module's head_dim {self.head_dim}"
             )
         self._advance_schedule()
+        features, projections = self._random_parameters()
         c = self.config
         return chained_lowrank_attention(
             query, key, value, scale=scale, is_causal=is_causal, key_padding_mask=key_padding_mask,
             num_features=c.num_features, feature_type=c.feature_type, threshold=self.threshold,
             sparse=c.sparse, bucket_size=c.bucket_size, n_hashes=c.n_hashes, window=c.window,
-            sparse_threshold=self.sparse_threshold, feature_matrix=self.feature_matrix,
-            hash_projections=self.hash_projections if c.sparse == "lsh" else None,
+            sparse_threshold=self.sparse_threshold, feature_matrix=features,
+            hash_projections=projections if c.sparse == "lsh" else None,
             stats=self.stats, backend=self.backend,
         )
 

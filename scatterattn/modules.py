@@ -31,8 +31,9 @@ class ScatterbrainAttention(nn.Module):
     Redraw policy: `redraw_interval=None` (or 0) never redraws; k > 0 redraws before every k-th
     training-mode forward (steps k, 2k, ...); `redraw()` redraws on request. Draw i comes from a
     generator seeded with a function of (seed, i): the sequence of matrices is fixed by the seed.
-    A redraw replaces the buffers (it does not write into them), so a forward whose backward is
-    still pending keeps the matrices it used. Forwards run during a backward pass (activation
+    A redraw writes into the buffers (captured CUDA graphs see it); training-mode calls with a
+    redraw schedule use copies of them, so a forward whose backward is still pending keeps the
+    matrices it used when a later call redraws. Forwards run during a backward pass (activation
     checkpointing's recomputation) do not count as steps: they use the current matrices, those
     of the forward they recompute as long as the module did not redraw in between (a module
     called several times per step under checkpointing should redraw with `redraw()` between
@@ -104,9 +105,16 @@ class ScatterbrainAttention(nn.Module):
         """Draw the next feature matrix and hash projections of this module's sequence."""
         self.draws += 1
         features, projections = self._draw(int(self.draws))
-        # new tensors, not copy_: autograd may still hold the old ones for a pending backward
-        self.feature_matrix = features.to(self.feature_matrix.device)
-        self.hash_projections = projections.to(self.hash_projections.device)
+        self.feature_matrix.copy_(features.to(self.feature_matrix.device))
+        self.hash_projections.copy_(projections.to(self.hash_projections.device))
+
+    def _random_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature matrix, hash projections) for one call: the buffers, or, in training mode with a
+        redraw schedule, copies of them (two m x D copies per call), so that autograd keeps the
+        matrices this call used when a later call redraws into the buffers before its backward."""
+        if self.training and self.redraw_interval:
+            return self.feature_matrix.clone(), self.hash_projections.clone()
+        return self.feature_matrix, self.hash_projections
 
     def _advance_schedule(self) -> None:
         """Count a training-mode forward and redraw before every redraw_interval-th one."""
@@ -141,6 +149,7 @@ class ScatterbrainAttention(nn.Module):
                 f"query head_dim {query.shape[-1]} does not match this module's head_dim {self.head_dim}"
             )
         self._advance_schedule()
+        features, projections = self._random_parameters()
         prepared = prepare(
             query,
             key,
@@ -149,8 +158,8 @@ class ScatterbrainAttention(nn.Module):
             scale=scale,
             is_causal=is_causal,
             key_padding_mask=key_padding_mask,
-            feature_matrix=self.feature_matrix if self.config.has_low_rank else None,
-            hash_projections=self.hash_projections if self.config.sparse == "lsh" else None,
+            feature_matrix=features if self.config.has_low_rank else None,
+            hash_projections=projections if self.config.sparse == "lsh" else None,
             inputs_validated=True,
         )
         return run_prepared(query, key, value, prepared, self.backend)

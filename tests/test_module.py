@@ -443,14 +443,17 @@ def test_activation_checkpointing_keeps_the_forwards_features(reentrant):
 
 def test_redraw_between_forward_and_backward_keeps_the_used_features():
     """One module called twice in a step whose second call redraws: the first call's backward
-    still sees the matrices it used (a redraw replaces the buffers instead of writing into them),
-    so the gradient is that of the two forwards as they ran. (float32 inputs: autograd saves the
-    float32 buffer itself, not a cast copy.)"""
+    still sees the matrices it used (training calls with a redraw schedule use copies of the
+    buffers), so the gradient is that of the two forwards as they ran. (float32 inputs: autograd
+    would otherwise save the float32 buffer itself, not a cast copy.) The redraw writes into the
+    buffers in place (same storage), which captured CUDA graphs rely on."""
     q, k, v = qkv(b=1, n=24, dtype=torch.float32)
     m = make(seed=2, sparse="none", redraw_interval=1).train()
     first_w = m.feature_matrix.clone()
+    storage = m.feature_matrix.data_ptr(), m.hash_projections.data_ptr()
     qq = q.clone().requires_grad_()
     out = m(qq, k, v) + m(qq, k, v)  # steps 0 and 1: the second redraws first
+    assert (m.feature_matrix.data_ptr(), m.hash_projections.data_ptr()) == storage
     second_w = m.feature_matrix.clone()
     assert not torch.equal(first_w, second_w)
     out.square().sum().backward()
