@@ -114,7 +114,7 @@ def scatterbrain_reference(
         q = query.float().reshape(batch, key.shape[1], heads // key.shape[1], n_q, dim) * root
         gap = causal_feature_gap(q, key.float() * root, feature_matrix, key_valid)
         wide = dict(scale=scale, feature_matrix=feature_matrix, plan=plan, is_causal=True, key_valid=key_valid)
-        if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph: both, selected
+        if not _values_readable(query):  # traced, fake, meta, vmapped or captured: both, selected
             narrow = _scatterbrain_reference(query, key, value, **wide)
             out64 = _scatterbrain_reference(*(x.to(torch.float64) for x in (query, key, value)), **wide)
             return torch.where(gap > CAUSAL_GAP_FLOAT32, out64.to(query.dtype), narrow)
@@ -124,6 +124,15 @@ def scatterbrain_reference(
             return out64.to(query.dtype)
     return _scatterbrain_reference(query, key, value, scale=scale, feature_matrix=feature_matrix, plan=plan,
                                    is_causal=is_causal, key_valid=key_valid)
+
+
+def _values_readable(x: torch.Tensor) -> bool:
+    """Whether a value computed from x can be read on the host here: plain eager tensors, not under
+    torch.compile, a dispatch mode (FakeTensorMode, make_fx), a functorch transform (vmap, grad),
+    on the meta device or during CUDA-graph capture."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or type(x) is not torch.Tensor or x.is_meta or torch._C._are_functorch_transforms_active()
+                or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def causal_feature_gap(q, k, feature_matrix, key_valid=None) -> torch.Tensor:

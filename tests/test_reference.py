@@ -468,3 +468,25 @@ def test_causal_float64_rerun_under_torch_compile():
         want = fn(q.double(), keys.double(), v.double())
         for got in (compiled(q, keys, v), fn(q, keys, v)):
             assert float((got.double() - want).norm() / want.norm()) < 1e-5
+
+
+def test_causal_calls_where_values_cannot_be_read():
+    """The causal float64 check reads a value on the host; where that is impossible (meta tensors,
+    FakeTensorMode, make_fx tracing, vmap) it computes both precisions and selects instead of
+    failing, and vmap gives the per-sample results."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w = draw_feature_matrix(8, 8, generator=torch.Generator().manual_seed(0))
+    fn = functools.partial(sa.scatterbrain_attention, num_features=8, feature_matrix=w, sparse="local", window=4,
+                           is_causal=True, backend="reference")
+    meta = torch.randn(1, 2, 16, 8, device="meta")
+    assert fn(meta, meta, meta).shape == (1, 2, 16, 8)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # (w is real)
+        fake = torch.randn(1, 2, 16, 8)
+        assert isinstance(fn(fake, fake, fake), FakeTensor)
+    x = torch.randn(3, 1, 2, 16, 8, generator=torch.Generator().manual_seed(1))
+    traced = make_fx(lambda q: fn(q, q, q))(x[0])
+    assert torch.allclose(traced(x[0]), fn(x[0], x[0], x[0]), atol=1e-6)
+    batched = torch.func.vmap(lambda q: fn(q, q, q))(x)
+    assert torch.allclose(batched, torch.stack([fn(t, t, t) for t in x]), atol=1e-5)
