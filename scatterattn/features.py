@@ -23,16 +23,19 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(check_seed(seed))
+    gen.manual_seed(check_seed(seed, upper=2**64))
     return gen
 
 
-def check_seed(seed) -> int:
-    """seed as a Python int: an integral value (not bool) in [-2**63, 2**63) (it is kept in int64)."""
+def check_seed(seed, upper: int = 2**63) -> int:
+    """seed as a Python int: an integral value (not bool) in [-2**63, upper). The functional API
+    takes what torch.Generator.manual_seed takes (upper 2**64: torch.seed() returns such values);
+    modules keep their seed in an int64 buffer (upper 2**63)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} ({seed!r})")
-    if not -2**63 <= seed < 2**63:
-        raise ValueError(f"seed must be in [-2**63, 2**63) (an int64), got {seed}")
+    if not -2**63 <= seed < upper:
+        what = "an int64" if upper == 2**63 else "as torch.Generator.manual_seed"
+        raise ValueError(f"seed must be in [-2**63, 2**{upper.bit_length() - 1}) ({what}), got {seed}")
     return int(seed)
 
 
