@@ -305,3 +305,30 @@ def test_attention_dropout_option_of_the_timm_layer():
     assert torch.equal(built(x), built(x))
     with pytest.raises(ValueError, match="attention_dropout must be 'error' or 'ignore'"):
         scatterbrain_attn_layer(APPROX, attention_dropout="skip")
+
+
+class WrappedLinear(nn.Module):
+    """A Linear wrapped as LoRA or quantization wrap it (peft's lora.Linear is no nn.Linear)."""
+
+    def __init__(self, base, rank=2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+@torch.no_grad()
+def test_timm_attention_with_a_wrapped_qkv_is_swapped():
+    """LoRA applied before the swap wraps qkv: still timm's ViT attention, swapped, and equal to the
+    wrapped original where Scatterbrain is exact."""
+    model = TinyViT().eval()
+    for block in model.blocks:
+        block["attn"].qkv = WrappedLinear(block["attn"].qkv)
+        nn.init.normal_(block["attn"].qkv.lora_B.weight)
+    x = torch.randn(2, 17, 12)
+    dense = model(x)
+    assert swap_attention(model, COVER).names == ["blocks.0.attn", "blocks.1.attn"]
+    torch.testing.assert_close(model(x), dense, atol=ATOL, rtol=0)

@@ -209,13 +209,17 @@ _TIMM_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj"
 def is_timm_attention(module: nn.Module) -> bool:
     """True for timm's plain vision-transformer Attention (not its RoPE / diff / pooling variants):
     a timm class named Attention whose children are among those `ScatterbrainTimmAttention` takes
-    over (a Linear qkv and a proj), with no parameters or buffers of its own (BEiT's q/v biases and
+    over (qkv and proj: nn.Linear or a wrapper of one, as LoRA or quantization make; not convolutions,
+    as in Visformer), with no parameters or buffers of its own (BEiT's q/v biases and
     relative-position tables, SAM's rel_pos, ... would be lost) and num_heads / head_dim / scale."""
     cls = type(module)
     if cls.__name__ != "Attention" or cls.__module__.split(".")[0] != "timm":
         return False
     children = dict(module.named_children())
-    return (isinstance(children.get("qkv"), nn.Linear) and "proj" in children and set(children) <= set(_TIMM_CHILDREN)
+    projections = [children.get(name) for name in ("qkv", "proj")]  # Linear, or a wrapper (LoRA, quantized)
+    return (all(layer is not None and not any(isinstance(m, nn.modules.conv._ConvNd) for m in layer.modules())
+                for layer in projections)
+            and set(children) <= set(_TIMM_CHILDREN)
             and not any(True for _ in module.parameters(recurse=False))
             and not any(True for _ in module.buffers(recurse=False))
             and all(hasattr(module, name) for name in ("num_heads", "head_dim", "scale")))
