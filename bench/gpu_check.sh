@@ -7,6 +7,9 @@
 #   GPU_CHECK_BUDGET=900 bash bench/gpu_check.sh          (seconds for the whole script; default 560)
 #   GPU_CHECK_STAGES="kernel-tests configs" bash bench/gpu_check.sh   (only these stages, e.g. a second
 #                                                          call for the stages a first one cut or skipped)
+# With 15 minutes of device time: a first call with the default budget (timeout_s 600) runs host,
+# tests, bench, lora and lora-more and starts kernel-tests; a second one, GPU_CHECK_BUDGET=200
+# GPU_CHECK_STAGES="compiled configs" (or what the first skipped), if the time left allows.
 # Stages (in order of importance): host tests bench lora lora-more kernel-tests compiled configs.
 # Each is capped and cut to the time left, so a slow stage cannot starve the summary; every stage's
 # log is written as it runs (a cut stage keeps its partial lines). GPU_CHECK_COMMIT names the commit
@@ -65,9 +68,9 @@ stage lora-more "chained gradient: m 128 at 64k (the 10x question), causal at 8k
            python3 bench/lora_backward.py --out bench/results --causal --seq-lens 8192 65536"
 stage kernel-tests "interpreter-shape kernel tests, compiled" 60 "$out_dir/gpu_kernel_tests.log" \
   python3 -m pytest tests/test_kernels.py -v -p no:cacheprovider
-stage compiled "SB-LSH under torch.compile (reduce-overhead) at 1k and 4k" 50 "$out_dir/bench_compiled.log" \
+stage compiled "SB-LSH under torch.compile (reduce-overhead) at 4k and 1k" 80 "$out_dir/bench_compiled.log" \
   python3 bench/kernels.py --seq-lens 1024 4096 --methods sdpa sb-lsh sb-lsh-compiled --compiled \
-    --no-profile --no-graphs --budget 30 --tag compiled --out bench/results
+    --no-profile --no-graphs --budget 45 --tag compiled --out bench/results
 stage configs "launch configurations (N 16k)" 50 "$out_dir/kernel_configs.log" python3 bench/kernel_configs.py
 
 summary() {

@@ -116,11 +116,14 @@ def run(args, names=METHODS, max_len=None, graphed=False, budget_s=None):
     methods = build_methods(args, device)
     rows = []
     # The headline rows first (SDPA and the kernels, largest N first), so that a time budget
-    # cuts the peers and small N rather than the 64k targets; then the others, smallest N first.
+    # cuts the peers and small N rather than the 64k targets; then the compiled module and
+    # FlexAttention, largest N first too (their targets are at 4k and 64k); the reference last,
+    # smallest N first (it is slow and large at 64k).
     lengths = [n for n in args.seq_lens if max_len is None or n <= max_len]
-    first = [name for name in names if name in PRIMARY]
-    order = [(n, name) for n in sorted(lengths, reverse=True) for name in first]
-    order += [(n, name) for n in sorted(lengths) for name in names if name not in PRIMARY]
+    largest_first = sorted(lengths, reverse=True)
+    order = [(n, name) for n in largest_first for name in names if name in PRIMARY]
+    order += [(n, name) for n in largest_first for name in names if name not in PRIMARY + ("sb-lsh-reference",)]
+    order += [(n, name) for n in sorted(lengths) for name in names if name == "sb-lsh-reference"]
     for n, name in order:
         if name not in methods:
             continue
