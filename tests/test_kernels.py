@@ -438,6 +438,11 @@ def test_kernels_read_the_plans_int64_views_as_they_are(monkeypatch, n_hashes):
     prepared = sa.functional.prepare_call(q, k, v, num_features=16, bucket_size=16, n_hashes=n_hashes, seed=0)
     plan = prepared.plan
     assert plan.q_index.dtype == torch.int64 and not plan.q_index.is_contiguous()
+    from scatterattn.kernels.scatterbrain_fwd import KernelTiles
+
+    tiles = KernelTiles.from_plan(plan, 2, 4, 2, 64, q.device)  # no copies: views of the plan's lists
+    assert tiles.q_index.data_ptr() == plan.q_index.data_ptr() and tiles.q_index.dtype == torch.int64
+    assert tiles.k_index.data_ptr() == plan.k_index.data_ptr()
     int32_plan = dataclasses.replace(plan, **{name: getattr(plan, name).int().contiguous()
                                               for name in ("q_index", "k_index", "q_bucket", "k_bucket")
                                               if getattr(plan, name) is not None})

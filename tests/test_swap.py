@@ -309,13 +309,21 @@ def test_per_layer_dicts_apply_on_top_of_the_default_setting():
     assert model.layers[0].self_attn.spec == COVER and len(report) == 2
 
 
-def test_causal_mask_of_the_wrong_size_and_dropout_option():
-    """A 2-D attn_mask must be (L, S), as torch requires; attention_dropout='ignore' on the
-    constructor trains a layer whose MultiheadAttention has dropout."""
-    mha = ScatterbrainMultiheadAttention(E, H, batch_first=True, scatterbrain=APPROX, seed=0)
+@pytest.mark.parametrize("layout", ["batch-first", "sequence-first", "unbatched"])
+def test_causal_mask_of_the_wrong_size_and_dropout_option(layout):
+    """A 2-D attn_mask must be (L, S), as torch requires, in every input layout (a causal mask of
+    the right size with L != S still works); attention_dropout='ignore' on the constructor trains
+    a layer whose MultiheadAttention has dropout."""
+    mha = ScatterbrainMultiheadAttention(E, H, batch_first=layout == "batch-first", scatterbrain=APPROX, seed=0)
+    shape = {"batch-first": lambda n: (2, n, E), "sequence-first": lambda n: (n, 2, E), "unbatched": lambda n: (n, E)}
+    q, kv = torch.randn(shape[layout](6)), torch.randn(shape[layout](9))
+    with pytest.raises(ValueError, match=r"attn_mask has shape \(4, 4\) but should be \(L, S\) = \(6, 9\)"):
+        mha(q, kv, kv, attn_mask=nn.Transformer.generate_square_subsequent_mask(4), need_weights=False)
+    causal = torch.ones(6, 9, dtype=torch.bool).triu(1)
+    assert mha(q, kv, kv, attn_mask=causal, need_weights=False)[0].shape == q.shape
+    if layout != "batch-first":
+        return
     q = torch.randn(2, 6, E)
-    with pytest.raises(ValueError, match=r"attn_mask has shape \(4, 4\) but should be \(L, S\) = \(6, 6\)"):
-        mha(q, q, q, attn_mask=nn.Transformer.generate_square_subsequent_mask(4), need_weights=False)
     dropped = ScatterbrainMultiheadAttention(E, H, dropout=0.1, batch_first=True, scatterbrain=APPROX, seed=0).train()
     with pytest.raises(ValueError, match="attention_dropout='ignore'"):
         dropped(q, q, q, need_weights=False)

@@ -211,7 +211,8 @@ def _get_core(module: nn.Module, query: torch.Tensor) -> nn.Module:
                 redraw_interval=pending.get("redraw_interval"),
                 backend=pending.get("backend", "auto"),
                 device=query.device,
-                attention_dropout=pending.get("attention_dropout", "error"),
+                attention_dropout=pending.get("attention_dropout",  # (older pickles: ignore_dropout)
+                                              "ignore" if pending.get("ignore_dropout") else "error"),
             )
         setattr(module, CORE_NAME, core)
     if isinstance(core, AttachedScatterbrain) and core.head_dim != query.shape[-1]:
