@@ -44,8 +44,8 @@ stage() {  # stage KEY NAME CAP_SECONDS LOG COMMAND...: run with timeout min(CAP
   [[ $stages == *" $key "* ]] || return 0
   local t=$((budget - SECONDS - 15))
   ((t > cap)) && t=$cap
-  if ((t < 20)); then
-    echo "== $name [$key]: skipped, ${budget}s budget spent" | tee "$log"
+  if ((t < 40 && t < cap)); then  # too little left to be worth starting: leave it to a second call
+    echo "== $name [$key]: skipped, ${budget}s budget spent (${t}s left)" | tee "$log"
     return
   fi
   echo "== $name [$key] (up to ${t}s)"
