@@ -108,22 +108,19 @@ def scatterbrain_reference(
     """
     if feature_matrix is None and plan is None:
         raise ValueError("scatterbrain_reference needs a feature_matrix, a plan, or both")
-    if is_causal and feature_matrix is not None and compute_dtype(query.dtype) == torch.float32:
-        batch, heads, n_q, dim = query.shape
-        root = math.sqrt(scale)
-        q = query.float().reshape(batch, key.shape[1], heads // key.shape[1], n_q, dim) * root
-        gap = causal_feature_gap(q, key.float() * root, feature_matrix, key_valid)
-        wide = dict(scale=scale, feature_matrix=feature_matrix, plan=plan, is_causal=True, key_valid=key_valid)
-        if not _values_readable(query):  # traced, fake, meta, vmapped or captured: both, selected
-            narrow = _scatterbrain_reference(query, key, value, **wide)
-            out64 = _scatterbrain_reference(*(x.to(torch.float64) for x in (query, key, value)), **wide)
-            return torch.where(gap > CAUSAL_GAP_FLOAT32, out64.to(query.dtype), narrow)
-        if float(gap) > CAUSAL_GAP_FLOAT32:  # one host sync per causal call
-            FALLBACKS["causal_float64"] += 1
-            out64 = _scatterbrain_reference(*(x.to(torch.float64) for x in (query, key, value)), **wide)
-            return out64.to(query.dtype)
-    return _scatterbrain_reference(query, key, value, scale=scale, feature_matrix=feature_matrix, plan=plan,
-                                   is_causal=is_causal, key_valid=key_valid)
+    settings = dict(scale=scale, feature_matrix=feature_matrix, plan=plan, is_causal=is_causal, key_valid=key_valid)
+    check = is_causal and feature_matrix is not None and compute_dtype(query.dtype) == torch.float32
+    out, gap = _scatterbrain_reference(query, key, value, **settings, with_gap=check)
+    if not check:
+        return out
+    if not _values_readable(query):  # traced, fake, meta, vmapped or captured: both, selected
+        out64, _ = _scatterbrain_reference(*(x.to(torch.float64) for x in (query, key, value)), **settings)
+        return torch.where(gap > CAUSAL_GAP_FLOAT32, out64.to(query.dtype), out)
+    if float(gap) > CAUSAL_GAP_FLOAT32:  # one host sync per causal call
+        FALLBACKS["causal_float64"] += 1
+        out64, _ = _scatterbrain_reference(*(x.to(torch.float64) for x in (query, key, value)), **settings)
+        return out64.to(query.dtype)
+    return out
 
 
 def _values_readable(x: torch.Tensor) -> bool:
@@ -142,18 +139,22 @@ def causal_feature_gap(q, k, feature_matrix, key_valid=None) -> torch.Tensor:
     uses g_f, the max over *all* keys, but it sees only keys j <= i: its largest product is
     exp(-gap_i) with gap_i = max_f (l(q_i)_f + g_f) - max_f (l(q_i)_f + max_{j <= i} l(k_j)_f).
     Returns the max over rows that do not see every key (rows without a real key yet skipped)."""
-    n = min(q.shape[-2], k.shape[-2])
-    w = feature_matrix.to(device=k.device, dtype=k.dtype)
-    k_logits = feature_logits(k.detach(), w)
-    if key_valid is not None:
-        k_logits = k_logits.masked_fill(~key_valid[:, None, :, None], float("-inf"))
-    q_logits = feature_logits(q.detach()[..., :n, :], w)  # (B, Hkv, G, n, m)
-    seen = torch.cummax(k_logits[..., :n, :], dim=-2).values.unsqueeze(2)
-    gap = (q_logits + k_logits.amax(dim=-2, keepdim=True).unsqueeze(2)).amax(-1) - (q_logits + seen).amax(-1)
+    q_logits, _, k_logits, key_shift = _stabilised(q.detach(), k.detach(), feature_matrix, key_valid)
+    return _causal_gap(q_logits, k_logits, key_shift)
+
+
+def _causal_gap(q_logits, k_logits, key_shift) -> torch.Tensor:
+    """`causal_feature_gap` from `_stabilised`'s q_logits = l(q) + g, l(k) and g."""
+    n = min(q_logits.shape[-2], k_logits.shape[-2])
+    shifted = q_logits.detach()[..., :n, :]
+    seen = torch.cummax(k_logits.detach()[..., :n, :], dim=-2).values - key_shift  # <= 0, -inf before a real key
+    gap = shifted.amax(-1) - (shifted + seen.unsqueeze(2)).amax(-1)
     return torch.where(torch.isfinite(gap), gap, torch.zeros_like(gap)).amax()
 
 
-def _scatterbrain_reference(query, key, value, *, scale, feature_matrix, plan, is_causal, key_valid):
+def _scatterbrain_reference(query, key, value, *, scale, feature_matrix, plan, is_causal, key_valid,
+                            with_gap=False):
+    """(out, `causal_feature_gap` when with_gap, else None), from the same feature logits."""
     batch, heads, n_q, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -165,9 +166,12 @@ def _scatterbrain_reference(query, key, value, *, scale, feature_matrix, plan, i
 
     # Row stabiliser slots have one extra entry (index n_q) for empty tile slots.
     row_max = q.new_full((batch, kv_heads, group, n_q + 1), float("-inf"))
+    gap = None
     if feature_matrix is not None:
-        q_logits, phi_k = stabilised_features(q, k, feature_matrix, key_valid)
+        q_logits, phi_k, k_logits, key_shift = _stabilised(q, k, feature_matrix, key_valid)
         row_max[..., :n_q] = q_logits.detach().amax(-1)
+        if with_gap:
+            gap = _causal_gap(q_logits, k_logits, key_shift)
 
     if plan is not None:
         tiles = SparseTiles(q, k, plan, is_causal=is_causal, key_valid=key_valid)
@@ -210,7 +214,7 @@ def _scatterbrain_reference(query, key, value, *, scale, feature_matrix, plan, i
         den = den.scatter_add(-1, tiles.q_flat, correction.sum(-1).flatten(3))
 
     out = num[..., :n_q, :] / _safe_den(den[..., :n_q]).unsqueeze(-1)
-    return out.reshape(batch, heads, n_q, v_dim).to(query.dtype)
+    return out.reshape(batch, heads, n_q, v_dim).to(query.dtype), gap
 
 
 def stabilised_features(q, k, feature_matrix, key_valid=None):
@@ -221,12 +225,18 @@ def stabilised_features(q, k, feature_matrix, key_valid=None):
     (0 for masked keys), g_f = max over real keys of l(k)_f (no gradient); so that
     exp(q_logits - r) . phi_k = exp(-r) sum_f exp(l(q)_f + l(k)_f) for any row constant r.
     """
+    q_logits, phi_k, _, _ = _stabilised(q, k, feature_matrix, key_valid)
+    return q_logits, phi_k
+
+
+def _stabilised(q, k, feature_matrix, key_valid):
+    """`stabilised_features`' (q_logits, phi_k) and the masked key logits l(k) and g (B, Hkv, 1, m)."""
     w = feature_matrix.to(device=q.device, dtype=q.dtype)
     k_logits = feature_logits(k, w)
     if key_valid is not None:
         k_logits = k_logits.masked_fill(~key_valid[:, None, :, None], float("-inf"))
     key_shift = _finite_or_zero(k_logits.detach().amax(dim=-2, keepdim=True))
-    return feature_logits(q, w) + key_shift.unsqueeze(2), torch.exp(k_logits - key_shift)
+    return feature_logits(q, w) + key_shift.unsqueeze(2), torch.exp(k_logits - key_shift), k_logits, key_shift
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
