@@ -451,7 +451,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             return _run(args, device, dtype, progress)
     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not _is_cpu_out_of_memory(exc):
+        if isinstance(exc, RuntimeError) and not _is_out_of_memory(exc):
             raise
         progress("")
         print(f"scatterattn: error: out of memory on {device.type} ({str(exc).splitlines()[0]}); "
@@ -459,9 +459,9 @@ def main(argv=None) -> int:
         return 1
 
 
-def _is_cpu_out_of_memory(exc: RuntimeError) -> bool:
-    """torch's CPU allocator reports failure as a RuntimeError ("DefaultCPUAllocator: can't allocate
-    memory"), not MemoryError."""
+def _is_out_of_memory(exc: RuntimeError) -> bool:
+    """CUDA's OutOfMemoryError (a RuntimeError) or torch's CPU allocator failure, which is a plain
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), not MemoryError."""
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 

@@ -141,6 +141,13 @@ class ExactAttention(nn.Module):
         return "exact softmax attention"
 
 
+def check_attention_dropout(value: str) -> None:
+    """attention_dropout: "error" (a Scatterbrain layer asked for attention dropout in training raises)
+    or "ignore" (it trains without; "exact" layers apply it)."""
+    if value not in ("error", "ignore"):
+        raise ValueError(f"attention_dropout must be 'error' or 'ignore', got {value!r}")
+
+
 def make_core(
     spec: ScatterbrainConfig | str,
     head_dim: int,
@@ -153,8 +160,7 @@ def make_core(
 ) -> nn.Module:
     """The attention core for one layer: `ExactAttention` or an `AttachedScatterbrain`.
     attention_dropout: "error" or "ignore" (see `core_dropout`; exact layers apply dropout)."""
-    if attention_dropout not in ("error", "ignore"):
-        raise ValueError(f"attention_dropout must be 'error' or 'ignore', got {attention_dropout!r}")
+    check_attention_dropout(attention_dropout)
     if spec == EXACT:
         return ExactAttention()
     c = spec

@@ -70,6 +70,7 @@ from ._common import (
     AttachedScatterbrain,
     ExactAttention,
     LayerSpec,
+    check_attention_dropout,
     core_dropout,
     describe,
     layer_setting,
@@ -363,8 +364,7 @@ def configure(
     Returns [(module name, description)] of the configured modules. Call again to re-configure;
     `unconfigure` undoes it.
     """
-    if attention_dropout not in ("error", "ignore"):
-        raise ValueError(f"attention_dropout must be 'error' or 'ignore', got {attention_dropout!r}")
+    check_attention_dropout(attention_dropout)
     base = merge_settings(default, settings)
     per_layer = dict(per_layer or {})
     for key, spec in per_layer.items():

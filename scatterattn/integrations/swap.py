@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ._common import LayerSpec, describe, layer_setting, merge_settings
+from ._common import LayerSpec, check_attention_dropout, describe, layer_setting, merge_settings
 from .mha import ScatterbrainMultiheadAttention, is_plain_mha
 from .timm import ScatterbrainTimmAttention, is_timm_attention
 
@@ -159,8 +159,7 @@ def swap_attention(
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown kinds {bad}; known: {list(KINDS)}")
-    if attention_dropout not in ("error", "ignore"):
-        raise ValueError(f"attention_dropout must be 'error' or 'ignore', got {attention_dropout!r}")
+    check_attention_dropout(attention_dropout)
     spec = merge_settings(config, settings)
     per_layer = {key: layer_setting(spec, value) for key, value in dict(per_layer or {}).items()}
     for key in per_layer:

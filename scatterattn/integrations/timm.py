@@ -27,7 +27,10 @@ from typing import Optional, Type
 import torch
 from torch import nn
 
-from ._common import EXACT, LayerSpec, core_dropout, describe, make_core, merge_settings, model_device, resolve_spec
+from ._common import (
+    EXACT, LayerSpec, check_attention_dropout, core_dropout, describe, make_core, merge_settings, model_device,
+    resolve_spec,
+)
 
 
 class ScatterbrainTimmAttention(nn.Module):
@@ -188,8 +191,7 @@ def scatterbrain_attn_layer(
     with None each draws its seed from torch's global RNG. attention_dropout: "error" or "ignore"
     (train Scatterbrain layers without the model's attention dropout; "exact" layers apply it).
     """
-    if attention_dropout not in ("error", "ignore"):
-        raise ValueError(f"attention_dropout must be 'error' or 'ignore', got {attention_dropout!r}")
+    check_attention_dropout(attention_dropout)
     spec = merge_settings(config, settings)
     attrs = {
         "default_spec": spec,
