@@ -331,3 +331,58 @@ def test_causal_mask_of_the_wrong_size_and_dropout_option(layout):
                                               attention_dropout="ignore").train()
     out = ignoring(q, q, q, need_weights=False)[0]
     assert torch.equal(out, ignoring(q, q, q, need_weights=False)[0])  # no dropout applied
+
+
+def test_hooks_carry_over_to_the_replacement_and_back():
+    """Hooks registered on a module before the swap act on its replacement (before: silently dropped),
+    their handles still remove them, hooks registered during the swap stay after restore, and the
+    replacement's own pre-hook (which keeps torch's fused encoder path off) does not."""
+    from scatterattn.integrations import mha as mha_module
+
+    model = nn.ModuleList([make_mha(batch_first=True)])
+    original = model[0]
+    q, k, v, pad = inputs(True)
+    seen = []
+    out_hook = original.register_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__))
+    original.register_forward_pre_hook(lambda mod, args, kwargs: (args, {**kwargs, "key_padding_mask": pad}),
+                                       with_kwargs=True)
+    grads = []
+    original.register_full_backward_hook(lambda mod, grad_in, grad_out: grads.append(grad_out[0].shape))
+    with torch.no_grad():
+        padded_dense = original(q, k, v, need_weights=False)[0]
+    swap_attention(model, COVER)
+    swapped = model[0]
+    q.requires_grad_(True)
+    out = swapped(q, k, v, need_weights=False)[0]  # the pre-hook adds the padding mask
+    torch.testing.assert_close(out, padded_dense, atol=ATOL, rtol=0)
+    out.sum().backward()
+    assert seen == ["MultiheadAttention", "ScatterbrainMultiheadAttention"]
+    assert grads == [out.shape]
+    out_hook.remove()  # a handle from before the swap removes the hook from the replacement
+    late = swapped.register_forward_hook(lambda mod, args, out: seen.append("late"))
+    with torch.no_grad():
+        swapped(q, k, v, need_weights=False)
+    assert seen[2:] == ["late"]
+    restore_attention(model)
+    assert model[0] is original
+    assert mha_module._keep_module_call not in original._forward_pre_hooks.values()
+    assert len(original._forward_pre_hooks) == 1 and len(original._forward_hooks) == 1
+    with torch.no_grad():
+        original(q, k, v, need_weights=False)
+    assert seen[3:] == ["late"]
+    late.remove()
+    swap_attention(model, COVER)  # swapped again: the fused-path guard is back on the replacement
+    assert mha_module._keep_module_call in model[0]._forward_pre_hooks.values()
+
+
+def test_modules_with_a_forward_replaced_on_the_instance_are_not_swapped():
+    """A forward wrapped on the instance (as accelerate's hooks do) belongs to the original object and
+    cannot move to a replacement: such a module is left unchanged and reported."""
+    model = nn.ModuleList([make_mha(), make_mha()])
+    wrapped = model[1]
+    inner = wrapped.forward
+    wrapped.forward = lambda *args, **kwargs: inner(*args, **kwargs)
+    with pytest.warns(UserWarning, match="unchanged"):
+        report = swap_attention(model, COVER)
+    assert report.names == ["0"] and model[1] is wrapped
+    assert [name for name, _ in report.skipped] == ["1"]

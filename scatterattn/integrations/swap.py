@@ -9,9 +9,11 @@ Supported (each found by walking ``model.named_modules()``):
 * ``"timm"``: timm's vision-transformer ``Attention`` -> `ScatterbrainTimmAttention`.
 * ``"mha"``: ``torch.nn.MultiheadAttention`` -> `ScatterbrainMultiheadAttention`.
 
-Replaced modules share the original's parameters (the same Parameter objects, nothing is copied),
-and keep the original module object aside; restore puts the original back with the current
-parameters, so training after the swap carries over. Errors instead of silent no-ops: a model with
+Replaced modules share the original's parameters (the same Parameter objects, nothing is copied)
+and its hooks (the same hook dictionaries: forward, backward and state-dict hooks registered before
+or during the swap act on whichever module is in place, and their handles still remove them), and
+keep the original module object aside; restore puts the original back with the current parameters,
+so training after the swap carries over. Errors instead of silent no-ops: a model with
 none of the above raises; attention-like modules of other kinds (by class name) are listed in the
 report and warned about, or raise with ``strict=True``.
 """
@@ -94,6 +96,37 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent._modules[child] = module
 
 
+# nn.Module's per-instance hook registries, shared between an original and its replacement
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_OWN_HOOKS = "_scatterbrain_own_hooks"
+
+
+def _share_hooks(original: nn.Module, new: nn.Module) -> None:
+    """Give `new` the hook registries of `original`: the same dict objects, so that a hook's handle
+    removes it from both. The replacement's own hooks (ScatterbrainMultiheadAttention's pre-hook that
+    keeps torch's fused encoder path off) join them until `_unshare_hooks`."""
+    own = {}
+    for attr in _HOOK_DICTS:
+        if attr not in original.__dict__ or attr not in new.__dict__:
+            continue
+        shared, mine = original.__dict__[attr], new.__dict__[attr]
+        shared.update(mine)  # handle ids are unique across modules
+        own[attr] = list(mine)
+        new.__dict__[attr] = shared
+    if original.__dict__.get("_is_full_backward_hook") is not None:
+        new.__dict__["_is_full_backward_hook"] = original.__dict__["_is_full_backward_hook"]
+    new.__dict__[_OWN_HOOKS] = own
+
+
+def _unshare_hooks(new: nn.Module) -> None:
+    """Take the replacement's own hooks out of the registries it shared with its original."""
+    for attr, keys in new.__dict__.pop(_OWN_HOOKS, {}).items():
+        shared = new.__dict__[attr]
+        new.__dict__[attr] = type(shared)((key, shared.pop(key)) for key in keys if key in shared)
+
+
 def _scan(model: nn.Module, kinds):
     hf = _hf_module()
     handled: list[str] = []
@@ -113,6 +146,8 @@ def _scan(model: nn.Module, kinds):
             already.append((name, f"already {type(module).__name__}"))
             continue
         kind = "mha" if is_plain_mha(module) else "timm" if is_timm_attention(module) else None
+        if kind is not None and "forward" in module.__dict__:  # forward wrapped on the instance (e.g. accelerate)
+            kind = None
         if kind is not None:
             handled.append(name)
             if kind in kinds:
@@ -152,7 +187,8 @@ def swap_attention(
     used at several places is replaced by one new module at all of them. Every replacement is built
     before the model changes, so a swap that raises leaves the model as it was. Modules that add to
     the supported classes (subclasses, pruned or parametrized modules, timm Attention variants with
-    parameters of their own) are left unchanged and reported, as other attention-like modules.
+    parameters of their own, a forward replaced on the instance) are left unchanged and reported, as
+    other attention-like modules. A replacement shares the original's hooks (see the module docstring).
     attention_dropout: "error" or "ignore" (see `scatterattn.integrations.hf.configure`).
     strict: raise when other attention-like modules would be left unchanged (else warn).
     """
@@ -248,7 +284,9 @@ def swap_attention(
         report.replaced.extend(SwapEntry(prefix + sub if sub else name, "hf", before, after) for sub, after in configured)
 
     for kind, name, module, new in installs:
-        new.__dict__[_ORIGINAL] = module
+        if _ORIGINAL not in new.__dict__:  # once per new module (a shared one is installed at several places)
+            new.__dict__[_ORIGINAL] = module
+            _share_hooks(module, new)
         _set_submodule(model, name, new)
         report.replaced.append(SwapEntry(name, kind, type(module).__name__, describe(new.spec)))
     return report
@@ -304,6 +342,7 @@ def restore_attention(model: nn.Module, *, kinds: tuple[str, ...] = KINDS) -> Sw
     for kind, _, module in actions:
         if kind != "hf":
             module.__dict__.pop(_ORIGINAL, None)
+            _unshare_hooks(module)
     return report
 
 
