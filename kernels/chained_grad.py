@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import next_power_of_2
+from .host import launch_device, next_power_of_2
 
 
 @triton.jit
@@ -198,12 +198,13 @@ def kron_gram(a, b, c, *, op_dtype=torch.float32, block_n=None, block_m=None, nu
     rows_per_split = math.ceil(math.ceil(n / splits) / block_n) * block_n
     splits = max(1, math.ceil(n / rows_per_split))
     out = torch.empty(slices * splits, m * e, d, device=a.device, dtype=torch.float32)
-    kron_gram_kernel[(e, m_blocks, slices * splits)](
-        a_, bt, c_, out, n, m, e, d, rows_per_split, splits,
-        a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), c_.stride(0), c_.stride(1), out.stride(0),
-        PREC=_precision(op_dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
-    )
+    with launch_device(a):
+        kron_gram_kernel[(e, m_blocks, slices * splits)](
+            a_, bt, c_, out, n, m, e, d, rows_per_split, splits,
+            a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), c_.stride(0), c_.stride(1), out.stride(0),
+            PREC=_precision(op_dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            **({} if num_stages is None else {"num_stages": num_stages}),
+        )
     if splits > 1:
         out = out.reshape(slices, splits, m * e, d).sum(1)
     return out.reshape(*lead, m, e, d)
@@ -226,10 +227,11 @@ def kron_rows(a, b, middle, *, op_dtype=torch.float32, block_n=None, block_m=Non
     default = launch_config("rows", op_dtype, m, max(d, e))
     block_n, block_m, num_warps = (given or fallback for given, fallback in zip((block_n, block_m, num_warps), default))
     block_d = _block(d, MAX_DIM)
-    kron_rows_kernel[(math.ceil(n / block_n), a_.shape[0])](
-        a_, bt, mid, out, n, m, e, d, mid_group,
-        a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), mid.stride(0), out.stride(0), out.stride(1),
-        PREC=_precision(op_dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
-    )
+    with launch_device(a):
+        kron_rows_kernel[(math.ceil(n / block_n), a_.shape[0])](
+            a_, bt, mid, out, n, m, e, d, mid_group,
+            a_.stride(0), a_.stride(1), bt.stride(0), bt.stride(1), mid.stride(0), out.stride(0), out.stride(1),
+            PREC=_precision(op_dtype), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            **({} if num_stages is None else {"num_stages": num_stages}),
+        )
     return out.reshape(*lead, n, d)

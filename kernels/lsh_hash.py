@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2
+from .host import cdiv, launch_device, next_power_of_2
 
 
 @triton.jit
@@ -127,14 +127,15 @@ def xbox_hashes(query: torch.Tensor, key: torch.Tensor, directions: torch.Tensor
     block_d = max(16, next_power_of_2(dim))
     grid = (cdiv(length, block_n), slices)
     sizes = (n_q, n_k, dim, n_rounds, heads, heads // kv_heads, kv_heads)
-    norms_projections_kernel[grid](
-        q, k, dirs, sq, proj, sq_max, valid, *sizes, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        dirs.stride(0), valid_stride, length,
-        HAS_VALID=key_valid is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
-    )
-    xbox_hash_kernel[grid](
-        sq, proj, sq_max, dirs, valid, hashes, *sizes, dirs.stride(0), valid_stride, length,
-        *q_hash.stride()[:3], k_hash.storage_offset(), *k_hash.stride()[:3],
-        HAS_VALID=key_valid is not None, BLOCK_N=block_n,
-    )
+    with launch_device(query):
+        norms_projections_kernel[grid](
+            q, k, dirs, sq, proj, sq_max, valid, *sizes, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            dirs.stride(0), valid_stride, length,
+            HAS_VALID=key_valid is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
+        )
+        xbox_hash_kernel[grid](
+            sq, proj, sq_max, dirs, valid, hashes, *sizes, dirs.stride(0), valid_stride, length,
+            *q_hash.stride()[:3], k_hash.storage_offset(), *k_hash.stride()[:3],
+            HAS_VALID=key_valid is not None, BLOCK_N=block_n,
+        )
     return q_hash, k_hash, joint

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .kernels.host import launch_device
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # D = 256 compiles, but the backward's tiles need 288 KiB of shared memory (sm_90: 227)
 CHAINED_MAX_HEAD_DIM = 256  # the chained-gradient kernels (scatterattn.kernels.chained_grad.MAX_DIM)
@@ -91,10 +93,11 @@ def scatterbrain_forward(
     from .kernels import scatterbrain_fwd as fwd
 
     plan = _plan_of(q_index, k_index, q_bucket, k_bucket, band, q.shape[2], k.shape[2])
-    state = None if w is None else fwd.key_state(
-        k, v, w, key_valid, math.sqrt(scale), split=fwd.per_pair_plan(plan, True, q.shape[-1], v.shape[-1]))
-    out, den, stab = fwd.sparse_lowrank_forward(q, k, v, w, state, plan, tau=scale, key_valid=key_valid,
-                                                out_dtype=q.dtype)
+    with launch_device(q):
+        state = None if w is None else fwd.key_state(
+            k, v, w, key_valid, math.sqrt(scale), split=fwd.per_pair_plan(plan, True, q.shape[-1], v.shape[-1]))
+        out, den, stab = fwd.sparse_lowrank_forward(q, k, v, w, state, plan, tau=scale, key_valid=key_valid,
+                                                    out_dtype=q.dtype)
     if state is None:
         state = tuple(q.new_empty(0, dtype=torch.float32) for _ in range(3))
     return out, den, stab, *state
@@ -130,8 +133,9 @@ def scatterbrain_backward(
 
     plan = _plan_of(q_index, k_index, q_bucket, k_bucket, band, q.shape[2], k.shape[2])
     state = None if w is None else (kv, z, g)
-    return bwd.sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab,  # takes dO's strides
-                                       tau=scale, key_valid=key_valid)
+    with launch_device(q):
+        return bwd.sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab,  # takes dO's strides
+                                           tau=scale, key_valid=key_valid)
 
 
 scatterbrain_backward_op = torch.library.custom_op("scatterattn::scatterbrain_backward", mutates_args=())(

@@ -361,6 +361,52 @@ def test_host_integer_helpers_equal_triton():
             assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
 
 
+def test_launch_device_makes_the_inputs_gpu_current(monkeypatch):
+    """Triton launches on the current CUDA device, not on its tensors': `launch_device` switches to
+    the inputs' GPU where it is another one, and does nothing where it is the current one or off CUDA."""
+    import contextlib
+    import types
+
+    from scatterattn.kernels.host import launch_device
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: entered.append(index) or contextlib.nullcontext())
+    on = lambda index: types.SimpleNamespace(device=torch.device("cuda", index))  # noqa: E731
+    with launch_device(on(1)):
+        pass
+    assert entered == [1]
+    for tensor in (on(0), torch.zeros(1)):
+        assert isinstance(launch_device(tensor), contextlib.nullcontext)
+    assert entered == [1]
+
+
+def test_every_launcher_runs_on_its_inputs_device(monkeypatch):
+    """The forward, backward, LSH-hashing and chained-gradient launchers all run under `launch_device`
+    of their inputs (a launcher without it would fault on a model spread over several GPUs)."""
+    from scatterattn import triton_backend
+    from scatterattn.kernels import chained_grad, host, lsh_hash
+
+    calls = []
+
+    def recording(tensor):
+        calls.append(tensor.device)
+        return host.launch_device(tensor)
+
+    for module in (triton_backend, lsh_hash, chained_grad):
+        monkeypatch.setattr(module, "launch_device", recording)
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = sa.scatterbrain_attention(q, k, v, num_features=16, bucket_size=16, seed=0, backend="triton")
+    assert len(calls) == 1
+    out.sum().backward()
+    assert len(calls) == 2
+    lsh_hash.xbox_hashes(q.detach(), k.detach(), torch.randn(1, 18, device=DEVICE))
+    a, b = torch.randn(2, 40, 16, device=DEVICE), torch.randn(2, 40, 8, device=DEVICE)
+    middle = chained_grad.kron_gram(a, b, b)
+    chained_grad.kron_rows(a, b, middle)
+    assert calls == [q.device] * 5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("dim,n_k,n_hashes,padded", [(24, 77, 3, True), (64, 77, 1, False), (64, 50, 2, True),
                                                      (16, 130, 1, False)])

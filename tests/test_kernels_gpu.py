@@ -174,3 +174,25 @@ def test_chained_exact_factors_keep_fp32_operands():
         results[backend] = torch.autograd.grad(out, (qs, ks, vs), do)
     for a, b in zip(results["triton"], results["reference"]):
         assert rel(a.float(), b.float()) < 5e-4  # bf16 operands would give 3e-3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (inputs on one, the other current)")
+def test_inputs_on_another_gpu_than_the_current_one():
+    """Triton launches on the current device; the launchers switch to the inputs' GPU, so a model
+    spread over GPUs (device_map="auto") gets the same results on its second GPU as on its first."""
+    from scatterattn import lora
+
+    gen = torch.Generator().manual_seed(0)
+    cpu = [torch.randn(1, 4, 700, 64, generator=gen).to(torch.bfloat16) for _ in range(4)]
+    results = {}
+    torch.cuda.set_device(0)
+    for device in ("cuda:0", "cuda:1"):
+        q, k, v, do = (x.to(device) for x in cpu)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        out = sa.scatterbrain_attention(q, k, v, num_features=64, bucket_size=128, seed=0, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        chained = lora.chained_lowrank_attention(q, k, v, threshold=None, seed=0, backend="triton")
+        chained_grads = torch.autograd.grad(chained, (q, k, v), do)
+        results[device] = [t.cpu() for t in (out, *grads, *chained_grads)]
+    for a, b in zip(results["cuda:0"], results["cuda:1"]):  # equal on identical GPUs; 1e-3 allows others
+        assert torch.isfinite(b).all() and rel(b.float(), a.float()) < 1e-3
