@@ -16,6 +16,7 @@ generator seeded with `seed`, else from torch's global RNG; or passed in directl
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -29,6 +30,36 @@ from .sparsity import SparsePlan, local_plan, lsh_plan
 
 BACKENDS = ("auto", "reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)  # float64 stays, as under autocast
+
+
+def follows_autocast(method: bool = False):
+    """Decorator for attention entry points taking (query, key, value, ...) (after self when
+    `method`): under torch.autocast they attend in the autocast dtype of the inputs' device type,
+    as torch's scaled_dot_product_attention does (float16/bfloat16/float32 inputs cast to it,
+    float64 kept), and run with autocast off, so that what they compute in float32 internally
+    (feature logits, hashes, normalisers) stays float32. Outside autocast: the call as it is."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            first = 1 if method else 0
+            query = args[first] if len(args) > first else None
+            device_type = query.device.type if isinstance(query, torch.Tensor) else None
+            if (device_type is None or not torch.amp.is_autocast_available(device_type)  # meta tensors
+                    or not torch.is_autocast_enabled(device_type)):
+                return fn(*args, **kwargs)
+            dtype = torch.get_autocast_dtype(device_type)
+            args = list(args)
+            for i in range(first, min(first + 3, len(args))):
+                if isinstance(args[i], torch.Tensor) and args[i].dtype in _AUTOCAST_CASTS:
+                    args[i] = args[i].to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def validate_qkv(query, key, value, key_padding_mask=None, scale=None) -> None:
@@ -265,6 +296,7 @@ def prepare_call(
     )
 
 
+@follows_autocast()
 def scatterbrain_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -331,6 +363,7 @@ def local_attention(query, key, value, *, window: int = 128, **kwargs):
     return scatterbrain_attention(query, key, value, num_features=0, sparse="local", window=window, **kwargs)
 
 
+@follows_autocast()
 def dense_attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -34,7 +34,7 @@ import torch
 from . import reference, triton_backend
 from .config import ScatterbrainConfig
 from .features import effective_feature_matrix, make_generator
-from .functional import default_scale, draw_random_parameters, validate_qkv
+from .functional import default_scale, draw_random_parameters, follows_autocast, validate_qkv
 from .modules import ScatterbrainAttention
 from .sparsity import local_plan, lsh_plan
 
@@ -465,6 +465,11 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the graph below would only follow grad_out
             raise RuntimeError("chained_lowrank_attention has no second derivative: its backward cannot run "
                                "with create_graph=True (use exact attention for higher-order gradients)")
+        with torch.autocast(grad_out.device.type, enabled=False):  # a backward called inside autocast
+            return ChainedLowRankAttentionFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         query, key, value, feature_matrix = ctx.saved_tensors
         st: ChainSettings = ctx.settings
         batch, heads, n_q, dim = query.shape
@@ -586,6 +591,7 @@ def _check_threshold(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
 
 
+@follows_autocast()
 def chained_lowrank_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -704,6 +710,7 @@ class ChainedLowRankAttention(ScatterbrainAttention):
         self.sparse_threshold = sparse_threshold
         self.stats = ChainedGradientStats()
 
+    @follows_autocast(method=True)
     def forward(self, query, key, value, *, scale=None, is_causal=False, key_padding_mask=None):
         validate_qkv(query, key, value, key_padding_mask, scale)
         if query.shape[-1] != self.head_dim:

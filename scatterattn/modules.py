@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import ScatterbrainConfig
 from .features import check_seed, make_generator
-from .functional import BACKENDS, draw_random_parameters, prepare, run_prepared, validate_qkv
+from .functional import BACKENDS, draw_random_parameters, follows_autocast, prepare, run_prepared, validate_qkv
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _RANDOM_BUFFERS = ("feature_matrix", "hash_projections")
@@ -133,6 +133,7 @@ class ScatterbrainAttention(nn.Module):
             self.steps += 1
             self._host_steps = steps + 1
 
+    @follows_autocast(method=True)
     def forward(
         self,
         query: torch.Tensor,

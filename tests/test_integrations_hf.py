@@ -367,3 +367,27 @@ def test_lowrank_grad_llama_exact_forward_and_chained_backward():
     name = "model.layers.0.self_attn.q_proj.weight"
     assert (grads[name] - dense_grads[name]).norm() > 1e-3 * dense_grads[name].norm()  # approximate
     assert stats.approximate + stats.fallback == 2 * 2 * 2  # layers x batch x kv heads
+
+
+@pytest.mark.parametrize("implementation", ["scatterbrain", "scatterbrain_lowrank_grad"])
+def test_llama_trains_under_autocast(implementation):
+    """Mixed-precision training (torch.autocast, as the transformers Trainer's bf16=True) hands the
+    attention fp32 q and k (after the rotary embedding) and a bf16 v: attended in bf16, as SDPA does,
+    and equal to dense under the covering setting. Before: a dtype error on every forward."""
+    ids, mask = llama_batch()
+    losses, grads = {}, {}
+    for name in ("sdpa", implementation):
+        model = tiny_llama().train()
+        if name == "scatterbrain":
+            sb_hf.configure(model, COVER)
+        elif name != "sdpa":
+            model.set_attn_implementation(name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert abs(losses[implementation] - losses["sdpa"]) < 1e-3, losses  # bf16 attention both ways
+    assert torch.isfinite(grads[implementation]).all()
+    cosine = torch.nn.functional.cosine_similarity(grads[implementation].flatten(), grads["sdpa"].flatten(), dim=0)
+    assert cosine > 0.99, cosine
