@@ -11,6 +11,7 @@ its model to `cuda:1` without `torch.cuda.set_device`) run there instead of faul
 """
 
 import contextlib
+import warnings
 
 import torch
 
@@ -32,3 +33,16 @@ def launch_device(tensor: torch.Tensor):
     if device.type != "cuda" or torch.compiler.is_compiling() or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device.index)
+
+
+def alert_not_deterministic(what: str, remedy: str) -> None:
+    """As torch's own nondeterministic ops do under `torch.use_deterministic_algorithms(True)`:
+    raise (or, with warn_only=True, warn) that `what` has no deterministic implementation."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{what} does not have a deterministic implementation (fp32 atomic adds, whose order varies "
+               f"from run to run), but torch.use_deterministic_algorithms(True) is set. {remedy}")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)

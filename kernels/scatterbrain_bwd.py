@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2
+from .host import alert_not_deterministic, cdiv, next_power_of_2
 from .scatterbrain_common import (
     NEG, feature_grad_dot, feature_logits, load_backward_rows, load_key_chunk, row_scaled_split, split_dot,
     split_lhs_dot, support_mask, tile_and_first_row, outside_key_state, outside_query_state,
@@ -624,6 +624,12 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     # partition the keys; the program serves all query heads of its key/value head), which writes
     # dk, dv once in k's dtype; otherwise the kernels add into fp32 buffers
     write_once = full and key_valid is None
+    if tiles.tk > 0 and not write_once:
+        alert_not_deterministic(
+            "The Triton backward of Scatterbrain with local windows, several LSH rounds, head dims over 64 or "
+            "key padding (its dk, dv sums)",
+            "One LSH round without key padding at head dims <= 64 writes dk, dv once (deterministic); "
+            "backend='reference' runs torch ops, which follow torch's own deterministic settings.")
     if write_once:
         dk = torch.empty(batch, kv_heads, n_k, dim, device=device, dtype=k.dtype)
         dv = torch.empty(batch, kv_heads, n_k, v_dim, device=device, dtype=v.dtype)

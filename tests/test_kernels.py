@@ -764,3 +764,40 @@ def test_module_traces_whole_under_torch_compile(name, backend):
         results.append([out.detach(), *(x.grad for x in xs)])
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def deterministic_mode():
+    """torch.use_deterministic_algorithms, restored afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+
+    def set_mode(warn_only=False):
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+
+    yield set_mode
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize("name", ["local", "lsh-3-rounds", "lsh-padded"])
+def test_backward_atomics_follow_torchs_deterministic_mode(name, deterministic_mode):
+    """The backward paths that add dk, dv with fp32 atomics (run-to-run order varies) raise under
+    torch.use_deterministic_algorithms(True), and warn with warn_only=True, as torch's own
+    nondeterministic ops do; the one-round, unpadded LSH path writes them once and runs."""
+    settings = dict(num_features=16, seed=0, backend="triton")
+    settings.update({"local": dict(sparse="local", window=16), "lsh-3-rounds": dict(bucket_size=16, n_hashes=3),
+                     "lsh-padded": dict(bucket_size=16)}[name])
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    if name == "lsh-padded":
+        settings["key_padding_mask"] = torch.arange(40, device=DEVICE).expand(1, 40) >= 30
+    deterministic_mode()
+    out = sa.scatterbrain_attention(q, k, v, **settings)
+    with pytest.raises(RuntimeError, match="deterministic"):
+        out.sum().backward()
+    deterministic_mode(warn_only=True)
+    out = sa.scatterbrain_attention(q, k, v, **settings)
+    with pytest.warns(UserWarning, match="deterministic"):
+        out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    deterministic_mode()
+    one_round = sa.scatterbrain_attention(q, k, v, num_features=16, bucket_size=16, seed=0, backend="triton")
+    one_round.sum().backward()  # written once: no alert
