@@ -191,6 +191,7 @@ def prepare(
     plan = None
     if config.sparse == "lsh":
         _check_param("hash_projections", hash_projections, (config.n_hashes, dim + 2))
+    if config.sparse == "lsh" and not attends_nothing(query):
         plan = lsh_plan(
             query, key, bucket_size=config.bucket_size, hash_projections=hash_projections, key_valid=key_valid
         )
@@ -231,7 +232,15 @@ def resolve_backend(backend: str, query: torch.Tensor, is_causal: bool, value: t
     return "triton" if query.device.type == "cuda" and reason is None else "reference"
 
 
+def attends_nothing(query: torch.Tensor) -> bool:
+    """Whether a call has no query rows (batch 0, or no query heads): its output is empty."""
+    return query.shape[0] == 0 or query.shape[1] == 0
+
+
 def run_prepared(query, key, value, prepared: PreparedAttention, backend: str = "auto") -> torch.Tensor:
+    if attends_nothing(query):  # the empty output, in the inputs' graph as SDPA's is (the exact formula: no work)
+        return reference.dense_attention(query, key, value, scale=prepared.scale, is_causal=prepared.is_causal,
+                                         key_valid=prepared.key_valid)
     if resolve_backend(backend, query, prepared.is_causal, value) == "triton":
         return triton_backend.scatterbrain_triton(
             query,

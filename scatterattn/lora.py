@@ -34,7 +34,7 @@ import torch
 from . import reference, triton_backend
 from .config import ScatterbrainConfig
 from .features import effective_feature_matrix, make_generator
-from .functional import default_scale, draw_random_parameters, follows_autocast, validate_qkv
+from .functional import attends_nothing, default_scale, draw_random_parameters, follows_autocast, validate_qkv
 from .modules import ScatterbrainAttention
 from .sparsity import local_plan, lsh_plan
 
@@ -669,6 +669,9 @@ def chained_lowrank_attention(
         sparse=None if sparse == "none" else config,
         hash_projections=hash_projections if sparse == "lsh" else None,
     )
+    if attends_nothing(query):  # no rows: the empty output of the exact attention (no backward to chain)
+        return exact_attention(query, key, value, scale=settings.scale, is_causal=settings.is_causal,
+                               key_valid=settings.key_valid)
     return ChainedLowRankAttentionFunction.apply(query, key, value, w, settings)
 
 

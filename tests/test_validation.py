@@ -670,3 +670,28 @@ def test_public_names_exported():
     for name in ("scatterbrain_attention", "dense_attention", "performer_attention", "lsh_attention", "local_attention"):
         assert callable(getattr(scatterattn, name))
         assert name in scatterattn.__all__
+
+
+@pytest.mark.parametrize("backend, is_causal", [("reference", False), ("reference", True), ("triton", False)],
+                         ids=["reference", "reference-causal", "triton"])  # (the kernels are non-causal)
+@pytest.mark.parametrize("shape", [(0, H), (B, 0)], ids=["batch-0", "no-query-heads"])
+def test_calls_with_no_query_rows_return_the_empty_output(shape, backend, is_causal):
+    """A batch of 0 (or no query heads) gives the empty (B, H, N, Dv) output in the inputs' graph, as
+    SDPA does, on every entry point; before, the LSH plan, the causal check and the chained
+    backward failed with reshape or reduction errors."""
+    from scatterattn import ChainedLowRankAttention, lora
+
+    b, h = shape
+    calls = {name: (lambda f: lambda q, k, v, **kw: f(q, k, v, backend=backend, **kw))(FUNCS[name]) for name in APPROX}
+    calls["dense"] = FUNCS["dense"]
+    calls["chained"] = lambda q, k, v, **kw: lora.chained_lowrank_attention(q, k, v, num_features=8, seed=0,
+                                                                            backend=backend, **kw)
+    calls["module"] = ScatterbrainAttention(D, num_features=8, bucket_size=4, seed=0, backend=backend)
+    calls["chained module"] = ChainedLowRankAttention(D, num_features=8, seed=0, backend=backend)
+    pad = torch.zeros(b, N + 3, dtype=torch.bool)
+    for name, call in calls.items():
+        q, k, v = (t.requires_grad_() for t in qkv(b, h, hkv=1, s=N + 3, dv=5))
+        out = call(q, k, v, is_causal=is_causal, key_padding_mask=pad)
+        assert out.shape == (b, h, N, 5), name
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape and not k.grad.any(), name
