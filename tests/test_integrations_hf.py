@@ -6,6 +6,8 @@ hold every pair, so Scatterbrain attention equals exact softmax attention; those
 with the dense ("sdpa") model at atol 1e-5 in float32.
 """
 
+import inspect
+
 import pytest
 import torch
 
@@ -162,9 +164,13 @@ def test_chunked_prefill_with_cache_is_bottom_right_causal():
     model = tiny_llama()
     ids, mask = llama_batch()
 
+    # the cache argument is `cache` from transformers 5.24 on, `past_key_values` before
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def two_chunks():
-        first = model(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True, cache=DynamicCache(config=model.config))
-        second = model(input_ids=ids[:, 7:], attention_mask=mask, use_cache=True, cache=first.past_key_values)
+        first = model(input_ids=ids[:, :7], attention_mask=mask[:, :7], use_cache=True,
+                      **{cache_arg: DynamicCache(config=model.config)})
+        second = model(input_ids=ids[:, 7:], attention_mask=mask, use_cache=True, **{cache_arg: first.past_key_values})
         return second.logits
 
     dense = two_chunks()
