@@ -10,7 +10,6 @@ near-cancelling sums turn into errors of 0.1-0.4 where the support holds most of
 `bf16_casts_round` finds out from one cast.
 """
 
-import functools
 import os
 
 import torch
@@ -28,15 +27,25 @@ def bf16_dot_probe_kernel(A, B, C, BLOCK: tl.constexpr):
     tl.store(C + tile, tl.dot(tl.load(A + tile), tl.load(B + tile)))
 
 
-@functools.cache
+_VERDICTS: dict[str, bool] = {}  # each probe runs once per process (until `clear_probes`)
+
+
+def clear_probes() -> None:
+    """Forget the probes' verdicts (for tests that change the interpreter)."""
+    _VERDICTS.clear()
+
+
+@torch.compiler.assume_constant_result  # (run eagerly, not traced, when torch.compile traces a caller)
 def bf16_dot_works() -> bool:
     """Whether a bf16 `tl.dot` on CPU tensors (the interpreter) equals the exact product. Small
     integers make every product and sum exact in bf16 inputs with fp32 accumulation."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randint(-2, 3, (PROBE, PROBE), generator=gen).to(torch.bfloat16) for _ in range(2))
-    c = torch.empty(PROBE, PROBE, dtype=torch.float32)
-    bf16_dot_probe_kernel[(1,)](a, b, c, BLOCK=PROBE)
-    return torch.equal(c, a.float() @ b.float())
+    if "dot" not in _VERDICTS:
+        gen = torch.Generator().manual_seed(0)
+        a, b = (torch.randint(-2, 3, (PROBE, PROBE), generator=gen).to(torch.bfloat16) for _ in range(2))
+        c = torch.empty(PROBE, PROBE, dtype=torch.float32)
+        bf16_dot_probe_kernel[(1,)](a, b, c, BLOCK=PROBE)
+        _VERDICTS["dot"] = torch.equal(c, a.float() @ b.float())
+    return _VERDICTS["dot"]
 
 
 @triton.jit
@@ -45,15 +54,17 @@ def bf16_cast_probe_kernel(X, Y, BLOCK: tl.constexpr):
     tl.store(Y + offs, tl.load(X + offs).to(tl.bfloat16))
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def bf16_casts_round() -> bool:
     """Whether fp32 -> bf16 casts on CPU tensors (the interpreter) round to nearest even, as a GPU's
     do: 1 + 0.75 * 2^-7 lies between the bf16 neighbours 1 and 1 + 2^-7 and rounds up (truncation
     gives 1); 1 + 0.5 * 2^-7 is a tie and rounds to even (1)."""
-    x = torch.tensor([1 + 0.75 * 2**-7, -(1 + 0.75 * 2**-7), 1 + 0.5 * 2**-7, 1 + 1.5 * 2**-7] + [0.0] * 12)
-    y = torch.empty(PROBE, dtype=torch.bfloat16)
-    bf16_cast_probe_kernel[(1,)](x, y, BLOCK=PROBE)
-    return torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    if "cast" not in _VERDICTS:
+        x = torch.tensor([1 + 0.75 * 2**-7, -(1 + 0.75 * 2**-7), 1 + 0.5 * 2**-7, 1 + 1.5 * 2**-7] + [0.0] * 12)
+        y = torch.empty(PROBE, dtype=torch.bfloat16)
+        bf16_cast_probe_kernel[(1,)](x, y, BLOCK=PROBE)
+        _VERDICTS["cast"] = torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    return _VERDICTS["cast"]
 
 
 def bf16_kernels_work() -> bool:

@@ -114,3 +114,17 @@ def test_triton_kernels_under_autocast():
         got = call(q, k, v, backend="triton")
     want = call(q.half(), k.half(), v.half(), backend="triton")
     assert got.dtype == torch.float16 and torch.equal(got, want)
+
+
+def test_compiled_module_under_autocast():
+    """torch.compile(fullgraph=True) traces the autocast handling (no graph break) and matches eager
+    to a bf16 rounding (Inductor drops fp32 -> bf16 -> fp32 round trips unless told to emulate them)."""
+    import torch._inductor.config as inductor_config
+
+    attn = ScatterbrainAttention(16, num_features=16, bucket_size=16, seed=0)
+    compiled = torch.compile(attn, fullgraph=True)
+    q, k, v = inputs(n=64)
+    with torch.autocast("cpu", dtype=DTYPE), inductor_config.patch(emulate_precision_casts=True):
+        got, want = compiled(q, k, v), attn(q, k, v)
+    assert got.dtype == DTYPE
+    torch.testing.assert_close(got, want, atol=4e-3, rtol=0)

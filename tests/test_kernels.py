@@ -290,7 +290,7 @@ def test_interpreter_bf16_defects_are_probed(defect, monkeypatch):
     x = torch.randn(1, 2, 20, 16).to(torch.bfloat16)
     assert probe() and unsupported_reason(x, False) is None
     monkeypatch.setattr(InterpreterBuilder, method, getattr(conftest, original))
-    probe.cache_clear()
+    interpreter.clear_probes()
     try:
         if probe():
             pytest.skip(f"this Triton's interpreter gets its bf16 {defect} right by itself")
@@ -306,7 +306,7 @@ def test_interpreter_bf16_defects_are_probed(defect, monkeypatch):
         assert rel(dq["triton"], dq["reference"]) < 1e-2  # fp32 operands: bf16 rounding of the results only
     finally:
         monkeypatch.undo()
-        probe.cache_clear()
+        interpreter.clear_probes()
     assert chained_grad.operand_dtype(torch.bfloat16, "cpu") == torch.bfloat16
 
 
