@@ -384,6 +384,22 @@ def test_half_precision_inputs(dtype, tol):
     assert ((out.double() - ref).norm() / ref.norm()) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sparse, is_causal", [("lsh", True), ("local", False)], ids=["lsh-causal", "local"])
+def test_64k_tokens_half_precision_large_norms_finite(dtype, sparse, is_causal):
+    """The reference (the CPU path, and the GPU path of causal calls) at 65,536 tokens in fp16 / bf16
+    with query and key norms of 25 (logit bound 78 at head dim 64): output and every gradient finite."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 65536, 64, generator=gen) for _ in range(3))
+    q, k = (x / x.norm(dim=-1, keepdim=True) * 25 for x in (q, k))
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    out = sa.scatterbrain_attention(q, k, v, sparse=sparse, is_causal=is_causal, seed=0, backend="reference")
+    out.float().square().mean().backward()
+    assert out.dtype == dtype
+    for label, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.isfinite(t).all(), label
+
+
 def test_memory_is_linear_in_sequence_length():
     """65,536 tokens run without anything of size N x N (that alone would be 16 GiB in fp32)."""
     import resource
