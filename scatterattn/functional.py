@@ -31,6 +31,9 @@ from .sparsity import SparsePlan, local_plan, lsh_plan
 BACKENDS = ("auto", "reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)  # float64 stays, as under autocast
+# device types with an autocast mode (not meta); a fixed set: torch.amp.is_autocast_available is not
+# traceable by torch.compile in torch 2.11
+_AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "xla"})
 
 
 def follows_autocast(method: bool = False):
@@ -46,8 +49,7 @@ def follows_autocast(method: bool = False):
             first = 1 if method else 0
             query = args[first] if len(args) > first else None
             device_type = query.device.type if isinstance(query, torch.Tensor) else None
-            if (device_type is None or not torch.amp.is_autocast_available(device_type)  # meta tensors
-                    or not torch.is_autocast_enabled(device_type)):
+            if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
                 return fn(*args, **kwargs)
             dtype = torch.get_autocast_dtype(device_type)
             args = list(args)

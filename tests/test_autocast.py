@@ -127,4 +127,5 @@ def test_compiled_module_under_autocast():
     with torch.autocast("cpu", dtype=DTYPE), inductor_config.patch(emulate_precision_casts=True):
         got, want = compiled(q, k, v), attn(q, k, v)
     assert got.dtype == DTYPE
-    torch.testing.assert_close(got, want, atol=4e-3, rtol=0)
+    # up to 2 bf16 ulps at |out| < 2 (without emulate_precision_casts the compiled call is 0.11 off)
+    torch.testing.assert_close(got, want, atol=1.6e-2, rtol=0)
