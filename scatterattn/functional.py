@@ -43,19 +43,24 @@ def follows_autocast(method: bool = False):
     float64 kept), and run with autocast off, so that what they compute in float32 internally
     (feature logits, hashes, normalisers) stays float32. Outside autocast: the call as it is."""
 
+    names = ("query", "key", "value")
+
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             first = 1 if method else 0
-            query = args[first] if len(args) > first else None
+            positional = args[first:first + 3]  # q, k, v given by position, then by name
+            query = positional[0] if positional else kwargs.get("query")
             device_type = query.device.type if isinstance(query, torch.Tensor) else None
             if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
                 return fn(*args, **kwargs)
             dtype = torch.get_autocast_dtype(device_type)
-            args = list(args)
-            for i in range(first, min(first + 3, len(args))):
-                if isinstance(args[i], torch.Tensor) and args[i].dtype in _AUTOCAST_CASTS:
-                    args[i] = args[i].to(dtype)
+
+            def cast(t):
+                return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t
+
+            args = (*args[:first], *map(cast, positional), *args[first + 3:])
+            kwargs = {name: cast(t) if name in names[len(positional):] else t for name, t in kwargs.items()}
             with torch.autocast(device_type, enabled=False):
                 return fn(*args, **kwargs)
 

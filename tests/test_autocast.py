@@ -71,6 +71,21 @@ def test_mixed_input_dtypes_under_autocast():
         sa.scatterbrain_attention(q, k, v.to(DTYPE), num_features=32, bucket_size=32, seed=0)
 
 
+@pytest.mark.parametrize("by", ["keyword", "mixed"])
+@pytest.mark.parametrize("name", ["scatterbrain", "dense", "module"])
+def test_inputs_passed_by_name_follow_autocast(name, by):
+    """q, k, v passed as keywords (all, or k and v) are cast too; before, query=... skipped the cast
+    (a crash, or fp32 output computed in bf16 inside) and key=... gave a false dtype mismatch."""
+    call = {"scatterbrain": lambda *a, **kw: sa.scatterbrain_attention(*a, **kw, num_features=32, bucket_size=32, seed=0),
+            "dense": sa.dense_attention,
+            "module": ScatterbrainAttention(16, num_features=32, bucket_size=32, seed=0)}[name]
+    q, k, v = inputs()
+    with torch.autocast("cpu", dtype=DTYPE):
+        got = call(query=q, key=k, value=v) if by == "keyword" else call(q, key=k, value=v)
+    want = call(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE))
+    assert got.dtype == DTYPE and torch.equal(got, want)
+
+
 def test_float64_inputs_stay_float64_under_autocast():
     q, k, v = (x.double() for x in inputs())
     with torch.autocast("cpu", dtype=DTYPE):
