@@ -16,6 +16,7 @@ generator seeded with `seed`, else from torch's global RNG; or passed in directl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -137,15 +138,28 @@ def draw_random_parameters(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(feature_matrix (m, D) or None, hash_projections (R, D + 2) or None), float32, CPU.
 
-    Draw order is fixed (features first), so one seed gives the same pair everywhere.
+    Draw order is fixed (features first), so one seed gives the same pair everywhere, inside
+    torch.func transforms too (drawn once, outside them: vmap would refuse the draws or make one
+    per sample).
     """
-    features = None
-    if config.has_low_rank:
-        features = draw_feature_matrix(config.num_features, head_dim, generator=generator)
-    projections = None
-    if config.sparse == "lsh":
-        projections = draw_hash_projections(config.n_hashes, head_dim, generator=generator)
+    with _outside_func_transforms():
+        features = None
+        if config.has_low_rank:
+            features = draw_feature_matrix(config.num_features, head_dim, generator=generator)
+        projections = None
+        if config.sparse == "lsh":
+            projections = draw_hash_projections(config.n_hashes, head_dim, generator=generator)
     return features, projections
+
+
+def _outside_func_transforms():
+    """A context that suspends active torch.func transforms (vmap, grad, ...); a no-op outside them
+    and while torch.compile traces."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if (torch.compiler.is_compiling() or functorch is None or not hasattr(torch._C, "_DisableFuncTorch")
+            or functorch.peek_interpreter_stack() is None):
+        return contextlib.nullcontext()
+    return torch._C._DisableFuncTorch()
 
 
 @dataclass(frozen=True)
@@ -223,15 +237,19 @@ def _check_param(name: str, tensor, shape: tuple[int, ...]) -> None:
         raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
 
 
-def resolve_backend(backend: str, query: torch.Tensor, is_causal: bool, value: torch.Tensor | None = None) -> str:
+def resolve_backend(backend: str, query: torch.Tensor, is_causal: bool, value: torch.Tensor | None = None,
+                    feature_matrix: torch.Tensor | None = None) -> str:
     """'reference' or 'triton'. 'auto' takes the kernels for CUDA inputs they support (non-causal,
-    fp16/bf16/fp32, head dims up to 128) and the reference otherwise; 'triton' raises when the
-    kernels cannot run."""
+    fp16/bf16/fp32, head dims up to 128, a feature matrix that needs no gradient) and the
+    reference otherwise; 'triton' raises when the kernels cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
     reason = triton_backend.unsupported_reason(query, is_causal, value)
+    if reason is None and feature_matrix is not None and feature_matrix.requires_grad and torch.is_grad_enabled():
+        reason = ("feature_matrix requires grad and the kernels have no gradient for it (only the reference "
+                  "differentiates through the random features): detach it, or use backend='reference'")
     if backend == "triton":
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
@@ -248,7 +266,7 @@ def run_prepared(query, key, value, prepared: PreparedAttention, backend: str = 
     if attends_nothing(query):  # the empty output, in the inputs' graph as SDPA's is (the exact formula: no work)
         return reference.dense_attention(query, key, value, scale=prepared.scale, is_causal=prepared.is_causal,
                                          key_valid=prepared.key_valid)
-    if resolve_backend(backend, query, prepared.is_causal, value) == "triton":
+    if resolve_backend(backend, query, prepared.is_causal, value, prepared.feature_matrix) == "triton":
         return triton_backend.scatterbrain_triton(
             query,
             key,

@@ -148,6 +148,14 @@ def _(q, k, v, out, grad_out, w, kv, z, g, den, stab, q_index, k_index, q_bucket
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _no_second_derivative(ctx, *grads):
+    raise RuntimeError("the Triton kernels' backward of Scatterbrain attention has no derivative of its own: "
+                       "second derivatives (a gradient penalty, a Hessian-vector product) need backend='reference'")
+
+
+scatterbrain_backward_op.register_autograd(_no_second_derivative, setup_context=lambda ctx, inputs, output: None)
+
+
 def _direct_call(q: torch.Tensor) -> bool:
     """Whether to run the launchers without the custom operators: in eager mode on plain tensors.
     Under torch.compile or export, under any dispatch mode (FakeTensorMode, make_fx, a user's

@@ -700,7 +700,7 @@ def test_second_derivatives_are_refused_not_dropped():
     mod = sa.ScatterbrainAttention(16, **dict(SETTINGS["local"], num_features=16), seed=0, backend="triton").to(DEVICE)
     q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE).requires_grad_() for _ in range(3))
     out = mod(q, k, v)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="no derivative of its own.*backend='reference'"):
         (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
         (grad_q.square().sum() + q.square().sum()).backward()  # (the second term alone would run)
 
@@ -801,3 +801,20 @@ def test_backward_atomics_follow_torchs_deterministic_mode(name, deterministic_m
     deterministic_mode()
     one_round = sa.scatterbrain_attention(q, k, v, num_features=16, bucket_size=16, seed=0, backend="triton")
     one_round.sum().backward()  # written once: no alert
+
+
+def test_a_feature_matrix_that_requires_grad_is_differentiated_or_refused():
+    """Only the reference differentiates through the random features: with a feature_matrix that
+    requires grad, 'triton' raises and 'auto' takes the reference (before, the kernels returned no
+    gradient for it, silently); without grad mode the kernels run as usual."""
+    from scatterattn.functional import resolve_backend
+
+    q, k, v = (torch.randn(1, 2, 24, 8, device=DEVICE) for _ in range(3))
+    w = torch.randn(8, 8, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="feature_matrix requires grad"):
+        sa.scatterbrain_attention(q, k, v, num_features=8, bucket_size=8, feature_matrix=w, backend="triton")
+    with torch.no_grad():
+        sa.scatterbrain_attention(q, k, v, num_features=8, bucket_size=8, feature_matrix=w, backend="triton")
+    assert resolve_backend("auto", q.cuda() if torch.cuda.is_available() else q, False, v, w) == "reference"
+    sa.scatterbrain_attention(q, k, v, num_features=8, bucket_size=8, feature_matrix=w).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0

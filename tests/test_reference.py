@@ -506,3 +506,15 @@ def test_causal_calls_where_values_cannot_be_read():
     assert torch.allclose(traced(x[0]), fn(x[0], x[0], x[0]), atol=1e-6)
     batched = torch.func.vmap(lambda q: fn(q, q, q))(x)
     assert torch.allclose(batched, torch.stack([fn(t, t, t) for t in x]), atol=1e-5)
+
+
+@pytest.mark.parametrize("randomness", ["error", "different", "same"])
+def test_vmap_draws_the_seeded_parameters_once(randomness):
+    """Under torch.func.vmap a seeded call draws its feature matrix and hash projections once, as
+    outside it: every sample matches the un-vmapped call (before, vmap refused the draws, or drew
+    other features for each sample with randomness='different')."""
+    k, v = (torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(i)) for i in range(2))
+    x = torch.randn(3, 1, 2, 24, 8, generator=torch.Generator().manual_seed(2))
+    call = functools.partial(sa.scatterbrain_attention, key=k, value=v, num_features=8, bucket_size=8, seed=0)
+    got = torch.func.vmap(lambda q: call(q), randomness=randomness)(x)
+    assert torch.allclose(got, torch.stack([call(q) for q in x]), atol=1e-6)
