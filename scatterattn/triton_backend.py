@@ -39,6 +39,14 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _triton_built_for_interpreter() -> bool:
+    """Whether triton was imported with TRITON_INTERPRET set: its standard-library functions are then
+    interpreted, which kernels running in the interpreter need."""
+    import triton.language.standard as standard
+
+    return type(standard.sigmoid).__name__ == "InterpretedFunction"
+
+
 def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor | None = None,
                        max_head_dim: int = MAX_HEAD_DIM, bf16_dots: bool = True) -> str | None:
     """Why the kernels cannot run these inputs, or None when they can. bf16_dots: whether bf16
@@ -61,6 +69,9 @@ def unsupported_reason(query: torch.Tensor, is_causal: bool, value: torch.Tensor
         )
     if not triton_available():
         return "triton is not installed"
+    if query.device.type == "cpu" and not _triton_built_for_interpreter():
+        return ("TRITON_INTERPRET=1 was set after triton was imported (importing torch's compiler or scatterattn "
+                "imports it), so triton's own functions were built for a GPU: set it before those imports")
     if bf16_dots and query.dtype == torch.bfloat16 and query.device.type == "cpu":
         from .kernels.interpreter import bf16_casts_round, bf16_dot_works
 

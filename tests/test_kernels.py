@@ -818,3 +818,25 @@ def test_a_feature_matrix_that_requires_grad_is_differentiated_or_refused():
     assert resolve_backend("auto", q.cuda() if torch.cuda.is_available() else q, False, v, w) == "reference"
     sa.scatterbrain_attention(q, k, v, num_features=8, bucket_size=8, feature_matrix=w).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_interpreter_switched_on_after_triton_was_imported_is_reported():
+    """TRITON_INTERPRET=1 set after import (triton's own functions already built for a GPU) gets the
+    package's explanation instead of the interpreter's 'Cannot call @triton.jit'd outside of the
+    scope of a kernel'."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch, scatterattn as sa\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "q = torch.randn(1, 2, 24, 16)\n"
+        "try:\n"
+        "    sa.scatterbrain_attention(q, q, q, num_features=8, bucket_size=8, backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in result.stdout, result.stdout + result.stderr
