@@ -178,7 +178,7 @@ def sparse_corrected_factors(q, k, feature_matrix, scale, plan, *, is_causal=Fal
     has_keys = _rows_with_keys(q.shape, k.shape[-2], is_causal, key_valid, q.device)
     underflow = has_keys & (den[..., :n_q] < torch.finfo(den.dtype).tiny ** 0.5)
     safe = reference._safe_den(den)
-    safe[..., :n_q] = torch.where(underflow, 1.0, safe[..., :n_q])
+    safe = torch.cat([torch.where(underflow, 1.0, safe[..., :n_q]), safe[..., n_q:]], -1)  # (out of place: vmap)
     u1 = p / safe[..., :n_q, None]
     weights = correction / tiles.take_rows(safe.unsqueeze(-1))
     return u1, v1, SparseCorrection(tiles, weights), underflow

@@ -502,3 +502,19 @@ def test_built_under_the_meta_device_then_to_empty():
     q, k, v = qkv()
     assert torch.equal(deferred(q, k, v), direct(q, k, v))
     make(seed=5).to("meta").to_empty(device="cpu")
+
+
+@pytest.mark.parametrize("sparse", ["lsh", "local", "none"])
+def test_module_ensembles_under_vmap(sparse):
+    """torch.func.stack_module_state + functional_call + vmap over modules with different seeds (an
+    ensemble) equals calling each module (before: an in-place write into an unbatched tensor failed)."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    q, k, v = qkv(n=24, dtype=torch.float32)
+    modules = [make(seed=s, sparse=sparse, window=8, bucket_size=8, num_features=8).eval() for s in range(3)]
+    params, buffers = stack_module_state(modules)
+    base = copy.deepcopy(modules[0]).to("meta")
+    out = vmap(lambda p, b: functional_call(base, (p, b), (q, k, v)), in_dims=(0, 0))(params, buffers)
+    torch.testing.assert_close(out, torch.stack([m(q, k, v) for m in modules]), atol=1e-6, rtol=0)
