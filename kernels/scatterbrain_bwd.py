@@ -624,12 +624,18 @@ def sparse_lowrank_backward(q, k, v, out, grad_out, w, state, plan, den, stab, *
     # partition the keys; the program serves all query heads of its key/value head), which writes
     # dk, dv once in k's dtype; otherwise the kernels add into fp32 buffers
     write_once = full and key_valid is None
-    if tiles.tk > 0 and not write_once:
+    # Each key's dk, dv take one atomic add per (tile holding it, program serving it): a single add
+    # onto the per-key low-rank term (or zero) is order-free. That is one LSH round without key
+    # padding (its key lists partition the keys) with one query head per key/value head on the
+    # per-pair kernels (whose programs are per query head); else several adds in varying order.
+    one_add = tiles.n_rounds == 1 and not tiles.has_band and key_valid is None and (full or group == 1)
+    if tiles.tk > 0 and not one_add:
         alert_not_deterministic(
-            "The Triton backward of Scatterbrain with local windows, several LSH rounds, head dims over 64 or "
-            "key padding (its dk, dv sums)",
-            "One LSH round without key padding at head dims <= 64 writes dk, dv once (deterministic); "
-            "backend='reference' runs torch ops, which follow torch's own deterministic settings.")
+            "The Triton backward of Scatterbrain with local windows, several LSH rounds, key padding, or "
+            "grouped-query heads on the per-pair kernels (head dims over 64, no low-rank term, or one bucket "
+            "holding every key), which adds each key's dk, dv from several programs,",
+            "One LSH round without key padding is deterministic (with grouped-query heads: at head dims <= 64 "
+            "with a low-rank term); backend='reference' runs torch ops, which follow torch's own settings.")
     if write_once:
         dk = torch.empty(batch, kv_heads, n_k, dim, device=device, dtype=k.dtype)
         dv = torch.empty(batch, kv_heads, n_k, v_dim, device=device, dtype=v.dtype)

@@ -263,10 +263,11 @@ def attends_nothing(query: torch.Tensor) -> bool:
 
 
 def run_prepared(query, key, value, prepared: PreparedAttention, backend: str = "auto") -> torch.Tensor:
+    chosen = resolve_backend(backend, query, prepared.is_causal, value, prepared.feature_matrix)
     if attends_nothing(query):  # the empty output, in the inputs' graph as SDPA's is (the exact formula: no work)
         return reference.dense_attention(query, key, value, scale=prepared.scale, is_causal=prepared.is_causal,
                                          key_valid=prepared.key_valid)
-    if resolve_backend(backend, query, prepared.is_causal, value, prepared.feature_matrix) == "triton":
+    if chosen == "triton":
         return triton_backend.scatterbrain_triton(
             query,
             key,

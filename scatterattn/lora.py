@@ -34,7 +34,14 @@ import torch
 from . import reference, triton_backend
 from .config import ScatterbrainConfig
 from .features import effective_feature_matrix, make_generator
-from .functional import attends_nothing, default_scale, draw_random_parameters, follows_autocast, validate_qkv
+from .functional import (
+    _AUTOCAST_DEVICE_TYPES,
+    attends_nothing,
+    default_scale,
+    draw_random_parameters,
+    follows_autocast,
+    validate_qkv,
+)
 from .modules import ScatterbrainAttention
 from .sparsity import local_plan, lsh_plan
 
@@ -178,7 +185,7 @@ def sparse_corrected_factors(q, k, feature_matrix, scale, plan, *, is_causal=Fal
     has_keys = _rows_with_keys(q.shape, k.shape[-2], is_causal, key_valid, q.device)
     underflow = has_keys & (den[..., :n_q] < torch.finfo(den.dtype).tiny ** 0.5)
     safe = reference._safe_den(den)
-    safe = torch.cat([torch.where(underflow, 1.0, safe[..., :n_q]), safe[..., n_q:]], -1)  # (out of place: vmap)
+    safe[..., :n_q] = torch.where(underflow, 1.0, safe[..., :n_q])
     u1 = p / safe[..., :n_q, None]
     weights = correction / tiles.take_rows(safe.unsqueeze(-1))
     return u1, v1, SparseCorrection(tiles, weights), underflow
@@ -465,8 +472,11 @@ class ChainedLowRankAttentionFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the graph below would only follow grad_out
             raise RuntimeError("chained_lowrank_attention has no second derivative: its backward cannot run "
                                "with create_graph=True (use exact attention for higher-order gradients)")
-        with torch.autocast(grad_out.device.type, enabled=False):  # a backward called inside autocast
-            return ChainedLowRankAttentionFunction._backward(ctx, grad_out)
+        device_type = grad_out.device.type
+        if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):  # a backward called inside autocast
+                return ChainedLowRankAttentionFunction._backward(ctx, grad_out)
+        return ChainedLowRankAttentionFunction._backward(ctx, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):
@@ -723,7 +733,7 @@ class ChainedLowRankAttention(ScatterbrainAttention):
         self._advance_schedule()
         features, projections = self._random_parameters()
         c = self.config
-        return chained_lowrank_attention(
+        return chained_lowrank_attention.__wrapped__(  # (this forward already follows autocast)
             query, key, value, scale=scale, is_causal=is_causal, key_padding_mask=key_padding_mask,
             num_features=c.num_features, feature_type=c.feature_type, threshold=self.threshold,
             sparse=c.sparse, bucket_size=c.bucket_size, n_hashes=c.n_hashes, window=c.window,

@@ -384,27 +384,30 @@ def test_launch_device_makes_the_inputs_gpu_current(monkeypatch):
 def test_every_launcher_runs_on_its_inputs_device(monkeypatch):
     """The forward, backward, LSH-hashing and chained-gradient launchers all run under `launch_device`
     of their inputs (a launcher without it would fault on a model spread over several GPUs)."""
+    import collections
+
     from scatterattn import triton_backend
     from scatterattn.kernels import chained_grad, host, lsh_hash
 
-    calls = []
-
-    def recording(tensor):
-        calls.append(tensor.device)
-        return host.launch_device(tensor)
-
+    calls, devices = collections.Counter(), set()
     for module in (triton_backend, lsh_hash, chained_grad):
+        def recording(tensor, name=module.__name__.rsplit(".", 1)[-1]):
+            calls[name] += 1
+            devices.add(tensor.device)
+            return host.launch_device(tensor)
+
         monkeypatch.setattr(module, "launch_device", recording)
     q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     out = sa.scatterbrain_attention(q, k, v, num_features=16, bucket_size=16, seed=0, backend="triton")
-    assert len(calls) == 1
+    assert calls["triton_backend"] == 1
     out.sum().backward()
-    assert len(calls) == 2
+    assert calls["triton_backend"] == 2
+    hashed = calls["lsh_hash"]  # (1 on CUDA, where the forward hashes with the kernels; 0 on the CPU)
     lsh_hash.xbox_hashes(q.detach(), k.detach(), torch.randn(1, 18, device=DEVICE))
+    assert calls["lsh_hash"] == hashed + 1
     a, b = torch.randn(2, 40, 16, device=DEVICE), torch.randn(2, 40, 8, device=DEVICE)
-    middle = chained_grad.kron_gram(a, b, b)
-    chained_grad.kron_rows(a, b, middle)
-    assert calls == [q.device] * 5
+    chained_grad.kron_rows(a, b, chained_grad.kron_gram(a, b, b))
+    assert calls["chained_grad"] == 2 and devices == {q.device}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -778,15 +781,18 @@ def deterministic_mode():
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-@pytest.mark.parametrize("name", ["local", "lsh-3-rounds", "lsh-padded"])
+@pytest.mark.parametrize("name", ["local", "lsh-3-rounds", "lsh-padded", "gqa-per-pair"])
 def test_backward_atomics_follow_torchs_deterministic_mode(name, deterministic_mode):
-    """The backward paths that add dk, dv with fp32 atomics (run-to-run order varies) raise under
-    torch.use_deterministic_algorithms(True), and warn with warn_only=True, as torch's own
-    nondeterministic ops do; the one-round, unpadded LSH path writes them once and runs."""
+    """The backward paths that add a key's dk, dv from several programs with fp32 atomics (run-to-run
+    order varies) raise under torch.use_deterministic_algorithms(True), and warn with warn_only=True,
+    as torch's own nondeterministic ops do; one LSH round without padding (full-tile kernels, or the
+    per-pair ones with one query head per key/value head: one add per key) runs."""
     settings = dict(num_features=16, seed=0, backend="triton")
     settings.update({"local": dict(sparse="local", window=16), "lsh-3-rounds": dict(bucket_size=16, n_hashes=3),
-                     "lsh-padded": dict(bucket_size=16)}[name])
+                     "lsh-padded": dict(bucket_size=16), "gqa-per-pair": dict(bucket_size=16, num_features=0)}[name])
     q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    if name == "gqa-per-pair":
+        k, v = (torch.randn(1, 1, 40, 16, device=DEVICE, requires_grad=True) for _ in range(2))
     if name == "lsh-padded":
         settings["key_padding_mask"] = torch.arange(40, device=DEVICE).expand(1, 40) >= 30
     deterministic_mode()
@@ -799,11 +805,13 @@ def test_backward_atomics_follow_torchs_deterministic_mode(name, deterministic_m
         out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     deterministic_mode()
-    one_round = sa.scatterbrain_attention(q, k, v, num_features=16, bucket_size=16, seed=0, backend="triton")
-    one_round.sum().backward()  # written once: no alert
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    for one_round in (dict(num_features=16, bucket_size=16), dict(num_features=0, bucket_size=16),
+                      dict(num_features=16, bucket_size=64)):  # full tiles; per-pair: no features; one bucket
+        sa.scatterbrain_attention(q, k, v, seed=0, backend="triton", **one_round).sum().backward()  # no alert
 
 
-def test_a_feature_matrix_that_requires_grad_is_differentiated_or_refused():
+def test_a_feature_matrix_that_requires_grad_is_differentiated_or_refused(monkeypatch):
     """Only the reference differentiates through the random features: with a feature_matrix that
     requires grad, 'triton' raises and 'auto' takes the reference (before, the kernels returned no
     gradient for it, silently); without grad mode the kernels run as usual."""
@@ -815,7 +823,15 @@ def test_a_feature_matrix_that_requires_grad_is_differentiated_or_refused():
         sa.scatterbrain_attention(q, k, v, num_features=8, bucket_size=8, feature_matrix=w, backend="triton")
     with torch.no_grad():
         sa.scatterbrain_attention(q, k, v, num_features=8, bucket_size=8, feature_matrix=w, backend="triton")
-    assert resolve_backend("auto", q.cuda() if torch.cuda.is_available() else q, False, v, w) == "reference"
+    import types
+
+    from scatterattn import triton_backend
+
+    monkeypatch.setattr(triton_backend, "unsupported_reason", lambda *args: None)  # CUDA inputs the kernels take
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"))
+    assert resolve_backend("auto", on_cuda, False, v, w) == "reference"
+    assert resolve_backend("auto", on_cuda, False, v, w.detach()) == "triton"
+    monkeypatch.undo()
     sa.scatterbrain_attention(q, k, v, num_features=8, bucket_size=8, feature_matrix=w).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
 

@@ -386,3 +386,26 @@ def test_modules_with_a_forward_replaced_on_the_instance_are_not_swapped():
         report = swap_attention(model, COVER)
     assert report.names == ["0"] and model[1] is wrapped
     assert [name for name, _ in report.skipped] == ["1"]
+    assert "forward replaced on the instance" in report.skipped[0][1]
+
+
+def test_hooks_registered_during_the_swap_and_a_failed_swap():
+    """A full backward hook registered on the replacement fires on the original after restore (its
+    flag goes back with it); swapping a bare MultiheadAttention (the model itself) raises and leaves
+    no hook of the replacement behind (it would keep torch's fused encoder path off for good)."""
+    from scatterattn.integrations import mha as mha_module
+
+    model = nn.ModuleList([make_mha(batch_first=True)])
+    original = model[0]
+    swap_attention(model, COVER)
+    fired = []
+    model[0].register_full_backward_hook(lambda mod, grad_in, grad_out: fired.append(type(mod).__name__))
+    restore_attention(model)
+    q, k, v, _ = inputs(True)
+    original(q.requires_grad_(), k, v, need_weights=False)[0].sum().backward()
+    assert fired == ["MultiheadAttention"]
+
+    bare = make_mha()
+    with pytest.raises(ValueError, match="cannot be replaced in place"):
+        swap_attention(bare, COVER)
+    assert mha_module._keep_module_call not in bare._forward_pre_hooks.values()

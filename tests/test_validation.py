@@ -695,3 +695,7 @@ def test_calls_with_no_query_rows_return_the_empty_output(shape, backend, is_cau
         assert out.shape == (b, h, N, 5), name
         out.sum().backward()
         assert q.grad.shape == q.shape and k.grad.shape == k.shape and not k.grad.any(), name
+    q, k, v = qkv(b, h, hkv=1)
+    for call in (FUNCS["scatterbrain"], lora.chained_lowrank_attention):  # the backend is still checked
+        with pytest.raises(ValueError, match="backend must be one of"):
+            call(q, k, v, backend="bogus")

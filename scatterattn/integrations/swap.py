@@ -10,9 +10,9 @@ Supported (each found by walking ``model.named_modules()``):
 * ``"mha"``: ``torch.nn.MultiheadAttention`` -> `ScatterbrainMultiheadAttention`.
 
 Replaced modules share the original's parameters (the same Parameter objects, nothing is copied)
-and its hooks (the same hook dictionaries: forward, backward and state-dict hooks registered before
-or during the swap act on whichever module is in place, and their handles still remove them), and
-keep the original module object aside; restore puts the original back with the current parameters,
+and its hooks (the same hook dictionaries: forward, backward and state-dict hooks registered on the
+original before the swap, or on the replacement during it, act on whichever module is in place, and
+their handles still remove them), and keep the original module object aside; restore puts the original back with the current parameters,
 so training after the swap carries over. Errors instead of silent no-ops: a model with
 none of the above raises; attention-like modules of other kinds (by class name) are listed in the
 report and warned about, or raise with ``strict=True``.
@@ -120,8 +120,12 @@ def _share_hooks(original: nn.Module, new: nn.Module) -> None:
     new.__dict__[_OWN_HOOKS] = own
 
 
-def _unshare_hooks(new: nn.Module) -> None:
-    """Take the replacement's own hooks out of the registries it shared with its original."""
+def _unshare_hooks(new: nn.Module, original: nn.Module) -> None:
+    """Take the replacement's own hooks out of the registries it shared with its original, which
+    keeps the hooks registered on the replacement meanwhile (full backward hooks need the flag that
+    registering one sets on the module it was registered on)."""
+    if new.__dict__.get("_is_full_backward_hook") is not None:
+        original.__dict__["_is_full_backward_hook"] = new.__dict__["_is_full_backward_hook"]
     for attr, keys in new.__dict__.pop(_OWN_HOOKS, {}).items():
         shared = new.__dict__[attr]
         new.__dict__[attr] = type(shared)((key, shared.pop(key)) for key in keys if key in shared)
@@ -147,7 +151,8 @@ def _scan(model: nn.Module, kinds):
             continue
         kind = "mha" if is_plain_mha(module) else "timm" if is_timm_attention(module) else None
         if kind is not None and "forward" in module.__dict__:  # forward wrapped on the instance (e.g. accelerate)
-            kind = None
+            suspects.append((name, f"{type(module).__name__} with its forward replaced on the instance"))
+            continue
         if kind is not None:
             handled.append(name)
             if kind in kinds:
@@ -232,6 +237,8 @@ def swap_attention(
     used: set = set()
     module_plan = []
     for position, (kind, name, module) in enumerate(module_targets):
+        if name == "":
+            _set_submodule(model, name, module)  # raises: the model itself cannot be replaced in place
         if name in per_layer:
             layer_spec = per_layer[name]
             used.add(name)
@@ -340,9 +347,8 @@ def restore_attention(model: nn.Module, *, kinds: tuple[str, ...] = KINDS) -> Sw
         _set_submodule(model, name, original)
         report.replaced.append(SwapEntry(name, kind, type(module).__name__, type(original).__name__))
     for kind, _, module in actions:
-        if kind != "hf":
-            module.__dict__.pop(_ORIGINAL, None)
-            _unshare_hooks(module)
+        if kind != "hf" and _ORIGINAL in module.__dict__:  # (once per module: a shared one is at several places)
+            _unshare_hooks(module, module.__dict__.pop(_ORIGINAL))
     return report
 
 
