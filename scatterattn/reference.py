@@ -169,7 +169,8 @@ def _scatterbrain_reference(query, key, value, *, scale, feature_matrix, plan, i
     gap = None
     if feature_matrix is not None:
         q_logits, phi_k, k_logits, key_shift = _stabilised(q, k, feature_matrix, key_valid)
-        row_max = torch.nn.functional.pad(q_logits.detach().amax(-1), (0, 1), value=float("-inf"))  # (no in-place write: vmap)
+        # (padded, not written in place: vmap over stacked module buffers)
+        row_max = torch.nn.functional.pad(q_logits.detach().amax(-1), (0, 1), value=float("-inf"))
         if with_gap:
             gap = _causal_gap(q_logits, k_logits, key_shift)
 

@@ -12,10 +12,10 @@ Supported (each found by walking ``model.named_modules()``):
 Replaced modules share the original's parameters (the same Parameter objects, nothing is copied)
 and its hooks (the same hook dictionaries: forward, backward and state-dict hooks registered on the
 original before the swap, or on the replacement during it, act on whichever module is in place, and
-their handles still remove them), and keep the original module object aside; restore puts the original back with the current parameters,
-so training after the swap carries over. Errors instead of silent no-ops: a model with
-none of the above raises; attention-like modules of other kinds (by class name) are listed in the
-report and warned about, or raise with ``strict=True``.
+their handles still remove them), and keep the original module object aside; restore puts the
+original back with the current parameters, so training after the swap carries over. Errors instead
+of silent no-ops: a model with none of the above raises; attention-like modules of other kinds (by
+class name) are listed in the report and warned about, or raise with ``strict=True``.
 """
 
 from __future__ import annotations
