@@ -59,8 +59,8 @@ stage() {  # stage KEY NAME CAP_SECONDS LOG COMMAND...: run with timeout min(CAP
 stage host "host cost on this machine's CPU" 30 bench/results/host_cost.log \
   bash -c "python3 bench/host_overhead.py --seq-lens 256 --out bench/results/host_overhead_gpu_host.md;
            TRITON_INTERPRET=0 python3 bench/launch_binding.py --out bench/results/launch_binding_gpu_host.md"
-stage tests "GPU tests: bf16, 64k tokens, chained-gradient kernels" 140 "$out_dir/gpu_tests.log" \
-  python3 -m pytest tests/test_kernels_gpu.py tests/test_lora.py -v -p no:cacheprovider -k "gpu or kernel or bf16 or 64k or memory"
+stage tests "GPU tests: bf16, 64k tokens, chained-gradient kernels, autocast" 140 "$out_dir/gpu_tests.log" \
+  python3 -m pytest tests/test_kernels_gpu.py tests/test_lora.py tests/test_autocast.py -v -p no:cacheprovider -k "gpu or kernel or bf16 or 64k or memory"
 stage bench "Scatterbrain kernel benchmark" 170 "$out_dir/bench_kernels.log" python3 bench/kernels.py --out bench/results --budget 110
 stage lora "chained low-rank gradient benchmark" 60 "$out_dir/bench_lora.log" python3 bench/lora_backward.py --out bench/results
 stage lora-more "chained gradient: m 128 at 64k (the 10x question), causal at 8k and 64k" 45 "$out_dir/bench_lora_more.log" \

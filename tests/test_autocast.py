@@ -115,20 +115,22 @@ def test_chained_backward_inside_autocast_stays_float32_inside():
 
 
 def test_triton_kernels_under_autocast():
-    """The kernels (interpreter on the CPU; float16 autocast, as the interpreter's bf16 dot is wrong)
-    get the autocast dtype too and match the same call on hand-cast inputs."""
+    """The kernels get the autocast dtype too and match the same call on hand-cast inputs: on a GPU
+    under CUDA autocast in bf16, here in the interpreter under CPU autocast in float16 (the
+    interpreter's bf16 dot is wrong)."""
     from scatterattn.triton_backend import unsupported_reason
 
-    q, k, v = inputs(n=70)
-    reason = unsupported_reason(q.half(), is_causal=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    q, k, v = (x.to(device) for x in inputs(n=70))
+    reason = unsupported_reason(q.to(dtype), is_causal=False)
     if reason is not None:
         pytest.skip(f"kernels unavailable here: {reason}")
     call = CALLS["scatterbrain-lsh"]
-    context = torch.autocast("cpu", dtype=torch.float16)
-    with context:
+    with torch.autocast(device, dtype=dtype):
         got = call(q, k, v, backend="triton")
-    want = call(q.half(), k.half(), v.half(), backend="triton")
-    assert got.dtype == torch.float16 and torch.equal(got, want)
+    want = call(q.to(dtype), k.to(dtype), v.to(dtype), backend="triton")
+    assert got.dtype == dtype and torch.equal(got, want)
 
 
 def test_compiled_module_under_autocast():
